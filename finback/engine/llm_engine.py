@@ -1,0 +1,260 @@
+"""The synchronous engine: add requests, call step(), get outputs.
+
+One step = schedule (which sequences run, how many tokens each) -> model runner (one forward,
+sampling) -> append tokens, detokenize incrementally, check stop conditions -> free what
+finished. `AsyncEngine` drives this loop in a background thread for the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from finback.engine.arg_utils import EngineArgs
+from finback.engine.block_manager import BlockManager
+from finback.engine.request import (CompletionOutput, Request, RequestOutput, Sequence,
+                                    SequenceStatus)
+from finback.engine.sampling import SamplingParams
+from finback.engine.scheduler import Scheduler, SchedulerConfig
+from finback.loader.checkpoint import open_checkpoint
+from finback.runtime.model_runner import ModelRunner, kv_bytes_per_token, resolve_device, resolve_dtype
+
+log = logging.getLogger("finback.engine")
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs):
+        args.validate()
+        if args.tensor_parallel_size != 1 or args.pipeline_parallel_size != 1:
+            raise ValueError("tensor/pipeline parallelism needs the multi-GPU runtime, which is not "
+                             "built yet: use tensor_parallel_size=1, pipeline_parallel_size=1")
+        self.args = args
+        t0 = time.perf_counter_ns()
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        checkpoint = open_checkpoint(args.model)
+        try:
+            self.model_config = checkpoint.config
+            self.tokenizer = None
+            if not args.skip_tokenizer_init:
+                from finback.tokenizer import Tokenizer
+                if args.tokenizer:
+                    self.tokenizer = Tokenizer.load(args.tokenizer)
+                elif checkpoint.gguf_metadata is not None:
+                    self.tokenizer = Tokenizer.from_gguf(checkpoint.gguf_metadata)
+                else:
+                    self.tokenizer = Tokenizer.from_pretrained(checkpoint.path)
+            self.gguf_metadata = checkpoint.gguf_metadata
+            self.model_path = checkpoint.path
+            self.runner = ModelRunner(checkpoint, self.device, self.dtype, seed=args.seed)
+        finally:
+            checkpoint.close()
+        self._setup_cache()
+        self.load_duration_ns = time.perf_counter_ns() - t0
+        self.requests: dict[str, Request] = {}
+        self.eos_token_ids = self._eos_ids()
+
+    # -- setup -----------------------------------------------------------------------------
+    def _eos_ids(self) -> frozenset[int]:
+        ids = set()
+        if self.tokenizer is not None:
+            ids |= set(self.tokenizer.eos_token_ids)
+        eos = self.model_config.eos_token_id
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list):
+            ids.update(e for e in eos if isinstance(e, int))
+        return frozenset(ids)
+
+    def _setup_cache(self) -> None:
+        args, cfg = self.args, self.model_config
+        per_token = kv_bytes_per_token(cfg, self.dtype)
+        per_block = per_token * args.block_size
+        if args.num_kv_blocks is not None:
+            num_blocks = args.num_kv_blocks
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used_by_others = total - free
+            budget = total * args.gpu_memory_utilization - used_by_others - (1 << 30)  # 1 GiB for activations
+            num_blocks = int(budget // per_block)
+        else:
+            space = (args.kv_cache_space_gb if args.kv_cache_space_gb is not None else 4.0) * (1 << 30)
+            num_blocks = int(space // per_block)
+        if num_blocks < 1:
+            raise ValueError("no memory left for the KV cache: lower max_model_len or raise the "
+                             "KV cache space / gpu_memory_utilization")
+        max_len = args.max_model_len or cfg.max_position_embeddings
+        if args.max_model_len and args.max_model_len > cfg.max_position_embeddings:
+            log.warning("max_model_len %d is beyond the model's context length %d",
+                        args.max_model_len, cfg.max_position_embeddings)
+            self.runner.model.model.rotary.max_position = max_len
+        capacity = num_blocks * args.block_size
+        if max_len > capacity:
+            if args.max_model_len:
+                raise ValueError(f"max_model_len {max_len} needs {-(-max_len // args.block_size)} KV blocks "
+                                 f"but the cache holds {num_blocks} ({capacity} tokens)")
+            max_len = capacity
+        self.max_model_len = max_len
+        self.num_kv_blocks = num_blocks
+        batched = args.max_num_batched_tokens or max(2048, args.max_num_seqs)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, batched, max_len), self.block_manager)
+        self.runner.allocate_kv_cache(num_blocks, args.block_size)
+
+    # -- requests --------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    prompt: str | None = None, arrival_ns: int | None = None) -> Request:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise PromptTooLong(f"the prompt has {len(prompt_token_ids)} tokens but the context holds "
+                                f"{self.max_model_len} (the prompt plus at least one generated token "
+                                f"must fit): shorten it or raise max_model_len")
+        req = Request(request_id, prompt_token_ids, params, prompt, arrival_ns)
+        for i in range(params.n):
+            p = params
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(self.device).manual_seed(params.seed + i)
+            seq = Sequence(req, i, p, gen)
+            if self.tokenizer is not None:
+                from finback.tokenizer.detokenizer import IncrementalDetokenizer
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=p.skip_special_tokens)
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        return req
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        req.metrics.finished_ns = time.perf_counter_ns()
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    # -- the step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        now = time.perf_counter_ns()
+        for seq in batch.seqs:
+            m = seq.request.metrics
+            if m.first_scheduled_ns is None:
+                m.first_scheduled_ns = now
+        tables = [self.block_manager.block_table(s.seq_id) for s in batch.seqs]
+        rows, out = self.runner.execute(batch, tables, self.eos_token_ids)
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.commit(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+        now = time.perf_counter_ns()
+        touched: dict[str, Request] = {}
+        for k, i in enumerate(rows):
+            seq = batch.seqs[i]
+            token = out.token_ids[k]
+            lp = out.logprobs[k] if out.logprobs else None
+            self._append(seq, token, lp)
+            req = seq.request
+            if req.metrics.first_token_ns is None:
+                req.metrics.first_token_ns = now
+            touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            if req.finished:
+                req.metrics.finished_ns = now
+                self.requests.pop(req.request_id, None)
+            outputs.append(self._output(req))
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, lp) -> None:
+        seq.token_ids.append(token)
+        p = seq.params
+        if lp is not None and seq.logprobs is not None:
+            chosen, top = lp
+            entry = dict(top)
+            entry[token] = chosen
+            seq.logprobs.append(entry)
+            seq.cumulative_logprob += chosen
+        if seq.detokenizer is not None:
+            seq.text += seq.detokenizer.add([token])
+        reason, stop = None, None
+        if not p.ignore_eos and token in self.eos_token_ids:
+            reason, stop = "stop", None
+        elif token in p.stop_token_ids:
+            reason, stop = "stop", token
+        elif p.stop and seq.detokenizer is not None:
+            hit = self._find_stop(seq)
+            if hit is not None:
+                reason, stop = "stop", hit
+        if reason is None:
+            if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+                reason = "length"
+            elif seq.num_tokens >= self.max_model_len:
+                reason = "length"
+        if reason is not None:
+            if seq.detokenizer is not None and not isinstance(stop, str):
+                seq.text += seq.detokenizer.flush()
+            seq.finish_reason = reason
+            seq.stop_reason = stop
+            self.scheduler.finish(seq)
+
+    def _find_stop(self, seq: Sequence) -> str | None:
+        """Look for a stop string in the newly decoded text (and the tail that may complete one).
+        On a hit the text is cut before it (or after it with include_stop_str_in_output)."""
+        p = seq.params
+        longest = max(len(s) for s in p.stop)
+        start = max(0, seq.emitted_text_len - longest)
+        best = None
+        for s in p.stop:
+            idx = seq.text.find(s, start)
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, s)
+        if best is None:
+            return None
+        idx, s = best
+        seq.text = seq.text[:idx + len(s)] if p.include_stop_str_in_output else seq.text[:idx]
+        return s
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            text = seq.text
+            if seq.finished:
+                visible = len(text)
+            else:  # hold back what could be the start of a stop string
+                hold = max((len(s) for s in seq.params.stop), default=1) - 1
+                visible = max(seq.emitted_text_len, len(text) - hold)
+            new_text = text[seq.emitted_text_len:visible]
+            seq.emitted_text_len = visible
+            out_ids = seq.output_token_ids
+            new_ids = out_ids[seq.emitted_tokens:]
+            seq.emitted_tokens = len(out_ids)
+            outs.append(CompletionOutput(
+                index=seq.index, text=text[:visible], token_ids=out_ids,
+                cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                new_text=new_text, new_token_ids=new_ids))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, req.metrics)

@@ -1,0 +1,168 @@
+"""Linear layers split across a parallel group (Megatron style).
+
+Column-parallel layers split the output features (each rank computes a slice, no communication);
+row-parallel layers split the input features (each rank computes a partial sum, then all-reduce).
+Every parameter carries a `weight_loader(param, loaded, shard_id=None)` that takes the full,
+unsplit checkpoint tensor and copies this rank's slice into place, so loaders never know about
+ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finback.runtime.parallel import SINGLE, ParallelGroup
+
+
+class ShapeMismatch(ValueError):
+    """A checkpoint tensor whose shape does not match what the config says."""
+
+
+def _check_shape(param_name: str, loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(loaded.shape) != tuple(expected):
+        raise ShapeMismatch(f"{param_name}: checkpoint shape {tuple(loaded.shape)}, "
+                            f"config expects {tuple(expected)}")
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    """For parameters that are never split (norms): copy the whole tensor."""
+    _check_shape("parameter", loaded, tuple(param.shape))
+    param.data.copy_(loaded)
+
+
+class _Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, group: ParallelGroup,
+                 params_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.group = group
+        self.in_features = in_features    # this rank's
+        self.out_features = out_features  # this rank's
+        dtype = params_dtype or torch.get_default_dtype()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        raise NotImplementedError
+
+
+class ColumnParallelLinear(_Linear):
+    """y = x W^T with W's rows (output features) split over the group."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 group: ParallelGroup = SINGLE, gather_output: bool = False, params_dtype=None):
+        self.full_out = out_features
+        self.gather_output = gather_output
+        super().__init__(in_features, group.shard(out_features, "output features"), bias, group, params_dtype)
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        expected = (self.full_out,) + tuple(param.shape[1:])
+        _check_shape("weight" if param.dim() == 2 else "bias", loaded, expected)
+        n = param.shape[0]
+        param.data.copy_(loaded.narrow(0, self.group.rank * n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        return self.group.all_gather(y) if self.gather_output else y
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs fused into one matmul (gate and up projections).
+
+    Each rank holds its slice of every part, concatenated: [part0_r, part1_r, ...].
+    """
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
+                 group: ParallelGroup = SINGLE, params_dtype=None):
+        self.output_sizes = [group.shard(s, "output features") for s in output_sizes]
+        self.full_sizes = list(output_sizes)
+        super().__init__(in_features, sum(output_sizes), bias, group, params_dtype=params_dtype)
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        if shard_id is None:
+            raise ValueError("MergedColumnParallelLinear needs the index of the part being loaded")
+        expected = (self.full_sizes[shard_id],) + tuple(param.shape[1:])
+        _check_shape("weight" if param.dim() == 2 else "bias", loaded, expected)
+        n = self.output_sizes[shard_id]
+        start = sum(self.output_sizes[:shard_id])
+        param.data.narrow(0, start, n).copy_(loaded.narrow(0, self.group.rank * n, n))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Query, key and value projections in one matmul, heads split over the group.
+
+    With more ranks than KV heads the KV heads are replicated (each rank keeps the one its
+    query heads use).
+    """
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, group: ParallelGroup = SINGLE, params_dtype=None):
+        self.head_dim = head_dim
+        self.num_heads = group.shard(num_heads, "attention heads")
+        if num_kv_heads >= group.world_size:
+            self.num_kv_heads = group.shard(num_kv_heads, "KV heads")
+            self.kv_replicas = 1
+        else:
+            if group.world_size % num_kv_heads:
+                raise ValueError(f"{num_kv_heads} KV heads cannot be replicated over {group.world_size} ranks")
+            self.num_kv_heads = 1
+            self.kv_replicas = group.world_size // num_kv_heads
+        self.full_heads = num_heads
+        self.full_kv_heads = num_kv_heads
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * group.world_size
+        super().__init__(hidden_size, out, bias, group, params_dtype=params_dtype)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        if shard_id not in ("q", "k", "v"):
+            raise ValueError(f"QKVParallelLinear shard must be 'q', 'k' or 'v', got {shard_id!r}")
+        full_heads = self.full_heads if shard_id == "q" else self.full_kv_heads
+        expected = (full_heads * self.head_dim,) + tuple(param.shape[1:])
+        _check_shape("weight" if param.dim() == 2 else "bias", loaded, expected)
+        if shard_id == "q":
+            start, n, src = 0, self.q_size, self.group.rank * self.q_size
+        else:
+            start = self.q_size + (0 if shard_id == "k" else self.kv_size)
+            n = self.kv_size
+            src = (self.group.rank // self.kv_replicas) * n
+        param.data.narrow(0, start, n).copy_(loaded.narrow(0, src, n))
+
+
+class RowParallelLinear(_Linear):
+    """y = x W^T with W's columns (input features) split over the group; partial sums all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 group: ParallelGroup = SINGLE, reduce_results: bool = True, params_dtype=None):
+        self.full_in = in_features
+        self.reduce_results = reduce_results
+        super().__init__(group.shard(in_features, "input features"), out_features, bias, group, params_dtype)
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        if param.dim() == 1:  # bias: not split, added once after the reduction
+            _check_shape("bias", loaded, tuple(param.shape))
+            param.data.copy_(loaded)
+            return
+        _check_shape("weight", loaded, (param.shape[0], self.full_in))
+        n = param.shape[1]
+        param.data.copy_(loaded.narrow(1, self.group.rank * n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.reduce_results:
+            y = self.group.all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y

@@ -1,0 +1,144 @@
+"""One forward step: turns a scheduled batch into tensors, runs the model, samples.
+
+The runner owns the model, the KV cache and the attention backend on one device. It is the only
+piece that knows devices; the engine above it knows sequences and token ids.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from finback.engine.sampling import Sampler, SamplerOutput
+from finback.engine.scheduler import ScheduledBatch
+from finback.layers.attention import AttentionMetadata, TorchAttentionBackend
+from finback.loader.checkpoint import Checkpoint
+from finback.loader.errors import ModelLoadError
+from finback.layers.linear import ShapeMismatch
+from finback.models.registry import build_model
+from finback.runtime.parallel import SINGLE, ParallelGroup
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    from finback.loader.checkpoint import DTYPES
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        # GPUs: bf16. CPU: fp32, the dtype greedy output is checked against transformers in.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r} (choose from auto, {', '.join(sorted(DTYPES))})") from None
+
+
+def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, group: ParallelGroup = SINGLE):
+    config = checkpoint.config
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = build_model(config, group)
+    finally:
+        torch.set_default_dtype(old)
+    model.eval()
+    try:
+        loaded = model.load_weights((name, t) for name, t in checkpoint.weights())
+    except ShapeMismatch as exc:
+        raise ModelLoadError(checkpoint.path, f"shape does not match the config: {exc}") from None
+    except KeyError as exc:
+        raise ModelLoadError(checkpoint.path, f"unexpected tensor {exc.args[0]!r} for {config.architecture}") from None
+    missing = model.expected_weights() - loaded
+    if config.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing:
+        raise ModelLoadError(checkpoint.path, f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    return model
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype, group: ParallelGroup = SINGLE) -> int:
+    kv_heads = max(1, config.num_key_value_heads // group.world_size)
+    return 2 * config.num_hidden_layers * kv_heads * config.head_dim * torch.finfo(dtype).bits // 8
+
+
+class ModelRunner:
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
+                 group: ParallelGroup = SINGLE, seed: int | None = 0):
+        self.device = device
+        self.dtype = dtype
+        self.config = checkpoint.config
+        t0 = time.perf_counter_ns()
+        self.model = load_model(checkpoint, device, dtype, group)
+        self.load_duration_ns = time.perf_counter_ns() - t0
+        self.backend = TorchAttentionBackend()
+        self.sampler = Sampler(default_seed=seed)
+        self.kv_caches: list[torch.Tensor] = []
+        self.block_size = 0
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        layers = self.model.attention_layers()
+        self.kv_caches = []
+        for layer in layers:
+            cache = torch.zeros(2, num_blocks, block_size, layer.num_kv_heads, layer.head_dim,
+                                dtype=self.dtype, device=self.device)
+            layer.kv_cache = cache
+            self.kv_caches.append(cache)
+        self.block_size = block_size
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, block_tables: list[list[int]], eos_token_ids: frozenset[int]
+                ) -> tuple[list[int], SamplerOutput]:
+        """Run one step. Returns the batch indices of the sequences that produce a token this step
+        (their scheduled chunk reaches the end of their known tokens) and the sampler's output for
+        them, in the same order."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        context_lens: list[int] = []
+        sample_rows: list[int] = []
+        last_token_index: list[int] = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids[start:start + n])
+            positions.extend(range(start, start + n))
+            table = block_tables[i]
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            context_lens.append(start)
+            if start + n == seq.num_tokens:
+                sample_rows.append(i)
+                last_token_index.append(len(ids) - 1)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            query_lens=list(batch.num_tokens),
+            context_lens=context_lens,
+            block_tables=block_tables,
+            block_size=bs,
+            backend=self.backend,
+        )
+        self.backend.prepare(meta, dev)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        hidden = self.model(input_ids, pos, meta)
+        if not sample_rows:
+            return [], SamplerOutput(token_ids=[], logprobs=[])
+        logits = self.model.compute_logits(hidden[torch.tensor(last_token_index, device=dev)]).float()
+        seqs = [batch.seqs[i] for i in sample_rows]
+        out = self.sampler(
+            logits,
+            [s.params for s in seqs],
+            [s.prompt_token_ids for s in seqs],
+            [s.output_token_ids for s in seqs],
+            [s.generator for s in seqs],
+            eos_token_ids,
+        )
+        return sample_rows, out

@@ -1,0 +1,210 @@
+"""Shared test support: tiny random models written as safetensors and GGUF, and the greedy
+comparison against transformers (fp32 on CPU) with the top-2 tie rule."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+TIE = 1e-4  # a divergence is accepted only where the reference's top-2 logits are this close
+
+
+def tiny_hf_model(arch: str, seed: int = 0, vocab: int = 1024):
+    """A random-weight transformers model of a tiny shape: Qwen2 (QKV bias) or Llama 3 (rope scaling).
+
+    Weights get a larger spread than the default init so that greedy choices are clear."""
+    import transformers
+
+    common = dict(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    if arch == "qwen2":
+        cfg = transformers.Qwen2Config(rope_theta=10000.0, **common)
+        cls = transformers.Qwen2ForCausalLM
+    elif arch == "llama":
+        cfg = transformers.LlamaConfig(
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+            rope_theta=500000.0, **common)
+        cls = transformers.LlamaForCausalLM
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = cls(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p)) if "norm" in name else p.copy_(0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5 * 1.5)
+    return model
+
+
+def save_safetensors(model, folder: str) -> str:
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    # llama.cpp's converter: HF halves layout -> interleaved rotary pairs
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_HF_TO_GGUF = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def write_gguf(model, path: str, qtype_name: str, tokenizer_metadata: dict | None = None) -> str:
+    """Write a transformers Llama/Qwen2 model as a GGUF the way llama.cpp's converter lays it out:
+    2-D weights in `qtype_name` (F16, Q8_0, Q4_K, ...), norms and biases F32, Llama Q/K permuted."""
+    import gguf
+
+    from finback.loader.quantize import quantize
+
+    cfg = model.config
+    arch = "qwen2" if cfg.model_type == "qwen2" else "llama"
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    for key, value in (tokenizer_metadata or {}).items():
+        _add_kv(w, key, value)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    if arch == "llama" and rope.get("rope_type") == "llama3":
+        from finback.layers.rotary import rope_inv_freq
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        base = rope_inv_freq(head_dim, float(rope["rope_theta"]), None)
+        scaled = rope_inv_freq(head_dim, float(rope["rope_theta"]), rope)
+        w.add_tensor("rope_freqs.weight", (base / scaled).numpy().astype(np.float32))
+    for name, arr in sd.items():
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        elif name == "lm_head.weight":
+            gname = "output.weight"
+        else:
+            parts = name.split(".")
+            layer, rest, kind = parts[2], ".".join(parts[3:-1]), parts[-1]
+            gname = f"blk.{layer}.{_HF_TO_GGUF[rest]}.{kind}"
+            if arch == "llama" and rest in ("self_attn.q_proj", "self_attn.k_proj"):
+                heads = cfg.num_attention_heads if rest.endswith("q_proj") else cfg.num_key_value_heads
+                arr = _permute_qk(arr, heads)
+        if arr.ndim == 1:
+            w.add_tensor(gname, arr.astype(np.float32))
+        else:
+            w.add_tensor(gname, quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _add_kv(w, key, value):
+    import gguf
+
+    if key.startswith("general.architecture"):
+        return
+    if isinstance(value, list):
+        first = value[0] if value else ""
+        sub = (gguf.GGUFValueType.STRING if isinstance(first, str) else
+               gguf.GGUFValueType.FLOAT32 if isinstance(first, float) else gguf.GGUFValueType.INT32)
+        w.add_key_value(key, value, gguf.GGUFValueType.ARRAY, sub_type=sub)
+    elif isinstance(value, bool):
+        w.add_key_value(key, value, gguf.GGUFValueType.BOOL)
+    elif isinstance(value, int):
+        w.add_key_value(key, value, gguf.GGUFValueType.UINT32 if value >= 0 else gguf.GGUFValueType.INT32)
+    elif isinstance(value, float):
+        w.add_key_value(key, value, gguf.GGUFValueType.FLOAT32)
+    else:
+        w.add_key_value(key, str(value), gguf.GGUFValueType.STRING)
+
+
+def dequantized_reference(model, gguf_path: str):
+    """A copy of `model` whose weights are what the GGUF file holds, dequantized by gguf-py
+    (independent of finback's code), in Hugging Face layout."""
+    import copy
+
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_path)
+    by_name = {t.name: t for t in reader.tensors}
+    ref = copy.deepcopy(model)
+    cfg = model.config
+    arch = "qwen2" if cfg.model_type == "qwen2" else "llama"
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name == "model.embed_tokens.weight":
+                gname = "token_embd.weight"
+            elif name == "model.norm.weight":
+                gname = "output_norm.weight"
+            elif name == "lm_head.weight":
+                gname = "output.weight"
+            else:
+                parts = name.split(".")
+                rest = ".".join(parts[3:-1])
+                gname = f"blk.{parts[2]}.{_HF_TO_GGUF[rest]}.{parts[-1]}"
+            t = by_name[gname]
+            arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(p.shape)
+            if arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
+                heads = cfg.num_attention_heads if "attn_q" in gname else cfg.num_key_value_heads
+                # invert the converter's permutation with numpy (not finback's code)
+                n = arr.shape[0]
+                arr = arr.reshape(heads, n // heads // 2, 2, -1).swapaxes(1, 2).reshape(arr.shape)
+            p.copy_(torch.from_numpy(np.ascontiguousarray(arr)))
+    return ref
+
+
+@dataclass
+class Reference:
+    tokens: list[int]
+    logits: list[torch.Tensor]  # per generated step, [V]
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt_ids: list[int], max_new: int) -> Reference:
+    """Greedy decoding with transformers (fp32, KV cache), recording each step's logits."""
+    out = model(torch.tensor([prompt_ids]), use_cache=True)
+    pkv = out.past_key_values
+    logits = out.logits[0, -1].float()
+    tokens, steps = [], []
+    for _ in range(max_new):
+        steps.append(logits)
+        t = int(torch.argmax(logits))
+        tokens.append(t)
+        out = model(torch.tensor([[t]]), past_key_values=pkv, use_cache=True)
+        pkv = out.past_key_values
+        logits = out.logits[0, -1].float()
+    return Reference(tokens, steps)
+
+
+def assert_greedy_matches(ours: list[int], ref: Reference, label: str = "") -> int:
+    """Token-for-token equality. A divergence is accepted only where the reference's top-2 logits
+    at that step are within TIE (an fp32 tie); comparison stops there. Returns the number of
+    tokens compared."""
+    assert len(ours) == len(ref.tokens), f"{label}: {len(ours)} tokens vs reference {len(ref.tokens)}"
+    for i, (a, b) in enumerate(zip(ours, ref.tokens)):
+        if a != b:
+            margin = float(ref.logits[i].max() - ref.logits[i][a])
+            assert margin < TIE, (f"{label}: token {i} differs: ours {a}, reference {b}; the reference "
+                                  f"puts ours {margin:.3g} below its choice: not a tie")
+            return i
+    return len(ours)
