@@ -103,9 +103,11 @@ class TorchAttentionBackend(AttentionBackend):
         if decode_rows:
             lens = [meta.context_lens[i] + 1 for i in decode_rows]
             max_len = max(lens)
-            slots = torch.zeros(len(decode_rows), max_len, dtype=torch.long)
+            slots = torch.empty(len(decode_rows), max_len, dtype=torch.long)
             for r, i in enumerate(decode_rows):
-                slots[r, :lens[r]] = torch.tensor(_slots(meta.block_tables[i], lens[r], meta.block_size))
+                row = torch.tensor(_slots(meta.block_tables[i], lens[r], meta.block_size))
+                slots[r, :lens[r]] = row
+                slots[r, lens[r]:] = row[0]  # padding reads a written slot (masked out), never garbage
             mask = torch.arange(max_len)[None, :] < torch.tensor(lens)[:, None]
             c["decode_tok"] = torch.tensor(decode_tok, dtype=torch.long, device=device)
             c["decode_slots"] = slots.to(device)

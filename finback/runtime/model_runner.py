@@ -87,7 +87,8 @@ class ModelRunner:
         layers = self.model.attention_layers()
         self.kv_caches = []
         for layer in layers:
-            cache = torch.zeros(2, num_blocks, block_size, layer.num_kv_heads, layer.head_dim,
+            # not zeroed: attention reads only slots that were written (padding reads a written slot)
+            cache = torch.empty(2, num_blocks, block_size, layer.num_kv_heads, layer.head_dim,
                                 dtype=self.dtype, device=self.device)
             layer.kv_cache = cache
             self.kv_caches.append(cache)
