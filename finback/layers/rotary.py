@@ -65,12 +65,17 @@ class RotaryEmbedding(nn.Module):
         self._build(rope_inv_freq(self.head_dim, self.base, None, factors.reshape(-1).cpu()))
         self.cos, self.sin = self.cos.to(device), self.sin.to(device)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hk, D]; returns rotated copies in the input dtype."""
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, 1, D] cos and sin for these positions (computed once per step, shared by layers)."""
         cos = self.cos[positions]
         sin = self.sin[positions]
-        cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)
-        sin = torch.cat((sin, sin), dim=-1).unsqueeze(1)
+        cos = torch.cat((cos, cos), dim=-1).unsqueeze(1).to(dtype)
+        sin = torch.cat((sin, sin), dim=-1).unsqueeze(1).to(dtype)
+        return cos, sin
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin=None):
+        """q: [T, Hq, D], k: [T, Hk, D]; returns rotated copies in the input dtype."""
+        cos, sin = cos_sin if cos_sin is not None else self.cos_sin(positions, q.dtype)
         return _apply(q, cos, sin), _apply(k, cos, sin)
 
 
@@ -80,6 +85,4 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    cos = cos.to(x.dtype)
-    sin = sin.to(x.dtype)
     return x * cos + _rotate_half(x) * sin

@@ -50,7 +50,8 @@ class LlamaAttention(nn.Module):
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         t = x.shape[0]
-        q, k = self.rotary(positions, q.view(t, -1, self.attn.head_dim), k.view(t, -1, self.attn.head_dim))
+        q, k = self.rotary(positions, q.view(t, -1, self.attn.head_dim), k.view(t, -1, self.attn.head_dim),
+                           meta.cache.get("rope"))
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -85,6 +86,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, meta):
         x = self.embed_tokens(input_ids)
+        meta.cache["rope"] = self.rotary.cos_sin(positions, x.dtype)
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
