@@ -37,7 +37,7 @@ class LLM:
             return prompt, tok.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
                 return self._prompt_ids(prompt["prompt"])
         raise TypeError("a prompt is a string or a dict with 'prompt' or 'prompt_token_ids'")

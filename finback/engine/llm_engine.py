@@ -110,13 +110,15 @@ class LLMEngine:
     # -- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
                     prompt: str | None = None, arrival_ns: int | None = None) -> Request:
-        params = params or SamplingParams()
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
             raise ValueError("the prompt is empty")
         vocab = self.model_config.vocab_size
-        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt_token_ids):
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         if len(prompt_token_ids) >= self.max_model_len:
             raise PromptTooLong(f"the prompt has {len(prompt_token_ids)} tokens but the context holds "
@@ -198,14 +200,15 @@ class LLMEngine:
             entry[token] = chosen
             seq.logprobs.append(entry)
             seq.cumulative_logprob += chosen
-        if seq.detokenizer is not None:
-            seq.text += seq.detokenizer.add([token])
         reason, stop = None, None
         if not p.ignore_eos and token in self.eos_token_ids:
-            reason, stop = "stop", None
+            reason = "stop"
         elif token in p.stop_token_ids:
             reason, stop = "stop", token
-        elif p.stop and seq.detokenizer is not None:
+        # the text of a stopping token (EOS or a stop id) is not part of the answer, as in vLLM
+        if seq.detokenizer is not None and (reason is None or p.include_stop_str_in_output):
+            seq.text += seq.detokenizer.add([token])
+        if reason is None and p.stop and seq.detokenizer is not None and seq.num_output_tokens > p.min_tokens:
             hit = self._find_stop(seq)
             if hit is not None:
                 reason, stop = "stop", hit
