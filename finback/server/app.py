@@ -1,0 +1,105 @@
+"""The HTTP app: Ollama's routes (and, later, OpenAI's), CORS, errors, liveness."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from finback.server.manager import ModelManager
+from finback.server.ollama import APIError, build_router
+from finback.server.options import parse_duration
+from finback.store.store import Store
+
+log = logging.getLogger("finback.server")
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 11434
+# Ollama's default allow-list: local origins and app schemes
+DEFAULT_ORIGINS = ["http://localhost", "https://localhost", "http://localhost:*", "https://localhost:*",
+                   "http://127.0.0.1", "https://127.0.0.1", "http://127.0.0.1:*", "https://127.0.0.1:*",
+                   "http://0.0.0.0", "https://0.0.0.0", "http://0.0.0.0:*", "https://0.0.0.0:*",
+                   "app://*", "file://*", "tauri://*", "vscode-webview://*"]
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """FINBACK_X, else Ollama's OLLAMA_X, so existing setups carry over."""
+    return os.environ.get(f"FINBACK_{name}") or os.environ.get(f"OLLAMA_{name}") or default
+
+
+def parse_host(value: str | None) -> tuple[str, int]:
+    """Ollama's OLLAMA_HOST forms: host, host:port, :port, http://host:port, [::1]:port."""
+    if not value:
+        return DEFAULT_HOST, DEFAULT_PORT
+    v = value.strip()
+    for scheme in ("http://", "https://"):
+        if v.startswith(scheme):
+            v = v[len(scheme):]
+    v = v.rstrip("/")
+    if v.startswith("["):
+        host, _, rest = v[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif v.count(":") == 1:
+        host, port = v.split(":")
+    else:
+        host, port = v, ""
+    try:
+        port_n = int(port) if port else DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"invalid port in host {value!r}") from None
+    if not 0 < port_n < 65536:
+        raise ValueError(f"invalid port in host {value!r}")
+    return host or DEFAULT_HOST, port_n
+
+
+def _origin_regex(origins: list[str]) -> str:
+    import re
+
+    parts = [re.escape(o).replace(r"\*", "[^/]*") for o in origins]
+    return "^(" + "|".join(parts) + ")$"
+
+
+def create_app(store: Store | None = None, engine_kwargs: dict | None = None,
+               keep_alive: str | float | None = None, origins: list[str] | None = None) -> FastAPI:
+    store = store or Store()
+    ka = parse_duration(keep_alive if keep_alive is not None else env("KEEP_ALIVE", "5m"))
+    manager = ModelManager(store, engine_kwargs, default_keep_alive=ka)
+    app = FastAPI(title="finback", docs_url=None, redoc_url=None)
+    app.state.manager = manager
+    extra = [o.strip() for o in (env("ORIGINS") or "").split(",") if o.strip()]
+    allowed = (origins if origins is not None else []) + extra + DEFAULT_ORIGINS
+    app.add_middleware(CORSMiddleware, allow_origin_regex=_origin_regex(allowed), allow_credentials=True,
+                       allow_methods=["*"], allow_headers=["*"])
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.get("/")
+    @app.head("/")
+    async def root():
+        return PlainTextResponse("Ollama is running")
+
+    app.include_router(build_router(manager))
+
+    @app.on_event("shutdown")
+    async def shutdown():
+        manager.shutdown()
+
+    return app
+
+
+def serve(host: str | None = None, port: int | None = None, **kwargs) -> None:
+    import uvicorn
+
+    h, p = parse_host(env("HOST"))
+    app = create_app(**kwargs)
+    log.info("finback listening on %s:%d", host or h, port or p)
+    uvicorn.run(app, host=host or h, port=port or p, log_level="info")
