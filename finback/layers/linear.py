@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finback.layers.quantized import Int4Tensor, int4_matmul, kernel_takes, pack
 from finback.runtime.parallel import SINGLE, ParallelGroup
 
 
@@ -48,8 +49,55 @@ class _Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+        self.int4 = None       # (packed, scales_and_zeros) once finalize_int4 packed the weight
+        self._int4_parts = []  # (dim, dst_start, Int4Tensor) placed into the weight
+        self._dense_parts = 0
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         raise NotImplementedError
+
+    def _place(self, param, loaded, dim: int, dst_start: int, length: int, src_start: int) -> None:
+        """Copy loaded[src_start:src_start+length] (along dim) to param[dst_start:...]."""
+        src = loaded.narrow(dim, src_start, length)
+        dst = param.data.narrow(dim, dst_start, length)
+        if isinstance(src, Int4Tensor):
+            dst.copy_(src.dequantize())
+            if param is self.weight:
+                self._int4_parts.append((dim, dst_start, src))
+        else:
+            dst.copy_(src)
+            if param is self.weight:
+                self._dense_parts += 1
+
+    def finalize_int4(self, dtype: torch.dtype = torch.bfloat16) -> bool:
+        """Keep the weight 4-bit if every part of it came 4-bit and the kernel takes its shape."""
+        parts, self._int4_parts = self._int4_parts, []
+        n, k = self.weight.shape
+        if not parts or self._dense_parts or not kernel_takes(n, k):
+            return False
+        q = torch.zeros(n, k, dtype=torch.uint8)
+        scale = torch.zeros(n, k // 32)
+        zero = torch.zeros(n, k // 32)
+        rows = 0
+        for dim, start, t in parts:
+            if dim == 0:
+                q[start:start + t.q.shape[0]] = t.q
+                scale[start:start + t.q.shape[0]] = t.scale
+                zero[start:start + t.q.shape[0]] = t.zero
+                rows += t.q.shape[0]
+            else:
+                return False
+        if rows != n:
+            return False
+        self.int4 = pack(Int4Tensor(q, scale, zero), dtype)
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype)  # the dense copy is not needed
+        return True
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.int4 is not None:
+            y = int4_matmul(x, *self.int4, self.out_features)
+            return y if bias is None else y + bias
+        return F.linear(x, self.weight, bias)
 
 
 class ColumnParallelLinear(_Linear):
@@ -65,10 +113,10 @@ class ColumnParallelLinear(_Linear):
         expected = (self.full_out,) + tuple(param.shape[1:])
         _check_shape("weight" if param.dim() == 2 else "bias", loaded, expected)
         n = param.shape[0]
-        param.data.copy_(loaded.narrow(0, self.group.rank * n, n))
+        self._place(param, loaded, 0, 0, n, self.group.rank * n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self._matmul(x, self.bias)
         return self.group.all_gather(y) if self.gather_output else y
 
 
@@ -91,7 +139,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         _check_shape("weight" if param.dim() == 2 else "bias", loaded, expected)
         n = self.output_sizes[shard_id]
         start = sum(self.output_sizes[:shard_id])
-        param.data.narrow(0, start, n).copy_(loaded.narrow(0, self.group.rank * n, n))
+        self._place(param, loaded, 0, start, n, self.group.rank * n)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -138,7 +186,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             start = self.q_size + (0 if shard_id == "k" else self.kv_size)
             n = self.kv_size
             src = (self.group.rank // self.kv_replicas) * n
-        param.data.narrow(0, start, n).copy_(loaded.narrow(0, src, n))
+        self._place(param, loaded, 0, start, n, src)
 
 
 class RowParallelLinear(_Linear):
@@ -157,10 +205,14 @@ class RowParallelLinear(_Linear):
             return
         _check_shape("weight", loaded, (param.shape[0], self.full_in))
         n = param.shape[1]
-        param.data.copy_(loaded.narrow(1, self.group.rank * n, n))
+        if isinstance(loaded, Int4Tensor):
+            loaded = loaded.narrow(1, self.group.rank * n, n)  # whole groups of 32 columns
+            self._place(param, loaded, 0, 0, param.shape[0], 0)
+        else:
+            self._place(param, loaded, 1, 0, n, self.group.rank * n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self._matmul(x)
         if self.reduce_results:
             y = self.group.all_reduce(y)
         if self.bias is not None:

@@ -506,3 +506,39 @@ def dequantize(
         sub = unit = max(1, _ACCEL_ELEMS // block_size)
     _run_chunks(decoder, blocks, flat, sub, unit)
     return out
+
+
+# --------------------------------------------------------------------------- 4-bit groups
+INT4_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})
+
+
+def int4_groups(data: torch.Tensor, qtype, shape: tuple[int, ...]):
+    """A Q4_0 / Q4_1 / Q4_K tensor as 4-bit codes with a scale and an offset per group of 32:
+    w = (q - 8) * scale + zero, with q uint8 [N, K] in 0..15 and scale/zero float32 [N, K/32].
+
+    This is the layout of torch's int4 CPU matmul, so 4-bit GGUF weights stay 4-bit in memory.
+    Up to float32 rounding it equals `dequantize` (Q4_1: d*q + m = (q-8)*d + (m + 8d); Q4_K:
+    (d*sc)*q - dmin*m = (q-8)*(d*sc) + (8*d*sc - dmin*m))."""
+    qtype = _as_qtype(qtype)
+    if qtype not in INT4_TYPES:
+        raise UnsupportedQuantType(qtype)
+    n_rows, k = (int(math.prod(shape[:-1])), int(shape[-1])) if len(shape) > 1 else (1, int(shape[0]))
+    block, size = GGML_QUANT_SIZES[qtype]
+    if k % block or data.numel() != n_rows * k // block * size:
+        raise ValueError(f"{qtype.name} data of {data.numel()} bytes does not fit shape {tuple(shape)}")
+    blocks = data.reshape(-1, size)
+    if qtype == T.Q4_0:
+        q = _nib16(blocks, 2)
+        scale = _f16s(blocks, 0, 1)
+        zero = torch.zeros_like(scale)
+    elif qtype == T.Q4_1:
+        q = _nib16(blocks, 4)
+        dm = _f16s(blocks, 0, 2)
+        scale, zero = dm[:, 0:1], dm[:, 1:2] + 8 * dm[:, 0:1]
+    else:
+        nb = blocks.shape[0]
+        q = _nib_rows(blocks[:, 16:144].reshape(nb, 4, 32))
+        sm = _k4_scale_min(blocks, _f16s(blocks, 0, 2))
+        scale, zero = sm[:, 0], 8 * sm[:, 0] - sm[:, 1]
+    return (q.reshape(n_rows, k), scale.reshape(n_rows, k // 32).contiguous(),
+            zero.reshape(n_rows, k // 32).contiguous())
