@@ -1,4 +1,4 @@
-"""The HTTP app: Ollama's routes (and, later, OpenAI's), CORS, errors, liveness."""
+"""The HTTP app: Ollama's routes, OpenAI's routes, CORS, errors, liveness."""
 
 from __future__ import annotations
 
@@ -78,6 +78,12 @@ def create_app(store: Store | None = None, engine_kwargs: dict | None = None,
     async def api_error(request: Request, exc: APIError):
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
+    from finback.server.openai import OpenAIError, build_router as openai_router
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, exc: OpenAIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         return JSONResponse({"error": str(exc)}, status_code=400)
@@ -88,6 +94,7 @@ def create_app(store: Store | None = None, engine_kwargs: dict | None = None,
         return PlainTextResponse("Ollama is running")
 
     app.include_router(build_router(manager))
+    app.include_router(openai_router(manager))
 
     @app.on_event("shutdown")
     async def shutdown():
