@@ -7,9 +7,10 @@ their defaults. Names follow Hugging Face's config.json so that both sources map
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from finback.loader.errors import ModelLoadError
 
@@ -20,6 +21,133 @@ HF_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+
+
+# Upper bounds far beyond any real model: a value past one is a corrupt file, refused before any
+# tensor is allocated (a config is read before the weights it describes).
+LIMITS = {
+    "vocab_size": 1 << 24,
+    "hidden_size": 1 << 20,
+    "intermediate_size": 1 << 22,
+    "num_hidden_layers": 1 << 12,
+    "num_attention_heads": 1 << 12,
+    "num_key_value_heads": 1 << 12,
+    "head_dim": 1 << 12,
+    "max_position_embeddings": 1 << 22,
+}
+# The rotary cos/sin tables hold max_position_embeddings x head_dim float32 values.
+MAX_ROTARY_TABLE_BYTES = 4 << 30
+MAX_CONFIG_BYTES = 16 << 20
+ROPE_TYPES = ("default", "linear", "llama3")
+
+_REQUIRED = object()
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _to_float(value: int | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range
+        return math.inf
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class _Fields:
+    """Typed reads from one config source (config.json, or GGUF metadata under `prefix`): every
+    missing or ill-typed value is a ModelLoadError naming the source, the key and the value."""
+
+    def __init__(self, data: Mapping[str, Any], path: str | None, source: str, prefix: str = ""):
+        self.data, self.path, self.source, self.prefix = data, path, source, prefix
+
+    def fail(self, problem: str) -> ModelLoadError:
+        return ModelLoadError(self.path, problem)
+
+    def raw(self, key: str, default: Any = _REQUIRED) -> Any:
+        value = self.data.get(self.prefix + key)
+        if value is None:
+            if default is _REQUIRED:
+                raise self.fail(f"{self.source} lacks the required field {self.prefix + key!r}")
+            return default
+        return value
+
+    def int(self, key: str, default: Any = _REQUIRED, minimum: int | None = 1) -> Any:
+        value = self.raw(key, default)
+        if value is default and default is not _REQUIRED:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(f"{self.source} field {self.prefix + key!r} must be an integer, got {_show(value)}")
+        if minimum is not None and value < minimum:
+            raise self.fail(f"{self.source} field {self.prefix + key!r} must be at least {minimum}, got {value}")
+        return value
+
+    def float(self, key: str, default: float, positive: bool = True) -> float:
+        value = self.raw(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(f"{self.source} field {self.prefix + key!r} must be a number, got {_show(value)}")
+        value = _to_float(value)
+        if not math.isfinite(value) or (positive and value <= 0):
+            raise self.fail(f"{self.source} field {self.prefix + key!r} must be a positive finite number, "
+                            f"got {value!r}")
+        return value
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(f"{self.source} field {self.prefix + key!r} must be true or false, got {_show(value)}")
+        return value
+
+    def str(self, key: str, default: str | None) -> str | None:
+        value = self.raw(key, default)
+        if value is not None and not isinstance(value, str):
+            raise self.fail(f"{self.source} field {self.prefix + key!r} must be a string, got {_show(value)}")
+        return value
+
+    def token_ids(self, key: str, allow_list: bool) -> int | list[int] | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or (
+            allow_list and isinstance(value, list)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+        if not ok:
+            kind = "a token id or a list of token ids" if allow_list else "a token id"
+            raise self.fail(f"{self.source} field {key!r} must be {kind}, got {_show(value)}")
+        return value
+
+
+def _check_rope_scaling(scaling: Any, path: str | None) -> dict[str, Any] | None:
+    """rope_scaling as the rotary embedding reads it, or a ModelLoadError for one it cannot use."""
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ModelLoadError(path, f"rope_scaling must be an object or null, got {_show(scaling)}")
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind not in ROPE_TYPES:
+        raise ModelLoadError(path, f"rope scaling {_show(kind)} is not supported "
+                                   f"(supported: {', '.join(ROPE_TYPES)})")
+    if kind == "default":
+        return scaling
+    need = ["factor"]
+    if kind == "llama3":
+        need += ["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+    values = {}
+    for key in need:
+        value = scaling.get(key)
+        number = _to_float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        if not math.isfinite(number) or number <= 0:
+            raise ModelLoadError(path, f"{kind} rope scaling needs a positive number {key!r}, got {_show(value)}")
+        values[key] = number
+    if kind == "llama3" and values["high_freq_factor"] <= values["low_freq_factor"]:
+        raise ModelLoadError(path, f"llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
+                                   f"{values['high_freq_factor']} and {values['low_freq_factor']}")
+    return scaling
 
 
 @dataclass
@@ -46,134 +174,181 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, path: str | None) -> "ModelConfig":
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+        """Check the config is one our models can be built from, within sane sizes (ModelLoadError)."""
+        for name, limit in LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ModelLoadError(path, f"config field {name} must be a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ModelLoadError(path, f"config field {name} must be a positive integer, got {_show(value)}")
+            if value > limit:
+                raise ModelLoadError(path, f"config field {name} is {value}, beyond any real model "
+                                           f"(limit {limit}): corrupt?")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ModelLoadError(path, f"num_attention_heads {self.num_attention_heads} is not a multiple "
                                        f"of num_key_value_heads {self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ModelLoadError(path, f"head_dim {self.head_dim} must be even for rotary embeddings")
+        rotary_bytes = self.max_position_embeddings * self.head_dim * 4
+        if rotary_bytes > MAX_ROTARY_TABLE_BYTES:
+            raise ModelLoadError(path, f"max_position_embeddings {self.max_position_embeddings} x head_dim "
+                                       f"{self.head_dim} needs {rotary_bytes / (1 << 30):.1f} GiB of rotary "
+                                       f"tables (limit {MAX_ROTARY_TABLE_BYTES >> 30} GiB): corrupt?")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            number = _to_float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+            if not math.isfinite(number) or number <= 0:
+                raise ModelLoadError(path, f"config field {name} must be a positive finite number, "
+                                           f"got {_show(value)}")
         if self.hidden_act != "silu":
-            raise ModelLoadError(path, f"hidden_act {self.hidden_act!r} is not supported (only silu)")
+            raise ModelLoadError(path, f"hidden_act {_show(self.hidden_act)} is not supported (only silu)")
+        self.rope_scaling = _check_rope_scaling(self.rope_scaling, path)
         return self
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], path: str | None = None) -> "ModelConfig":
-        arch = None
-        for name in cfg.get("architectures") or []:
-            arch = HF_ARCHITECTURES.get(name)
-            if arch:
-                break
+        f = _Fields(cfg, path, "config.json")
+        names = cfg.get("architectures")
+        model_type = cfg.get("model_type")
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise ModelLoadError(path, f"config.json field 'architectures' must be a list of names, "
+                                       f"got {_show(names)}")
+        if model_type is not None and not isinstance(model_type, str):
+            raise ModelLoadError(path, f"config.json field 'model_type' must be a string, got {_show(model_type)}")
+        if names:
+            arch = next((HF_ARCHITECTURES[n] for n in names if n in HF_ARCHITECTURES), None)
+        else:
+            arch = {"llama": "llama", "qwen2": "qwen2", "mistral": "llama"}.get(model_type or "")
         if arch is None:
-            arch = {"llama": "llama", "qwen2": "qwen2", "mistral": "llama"}.get(cfg.get("model_type", ""))
-        if arch is None:
-            raise ModelLoadError(path, f"unsupported architecture {cfg.get('architectures') or cfg.get('model_type')!r} "
+            raise ModelLoadError(path, f"unsupported architecture {_show(names or model_type)} "
                                        f"(supported: {sorted(HF_ARCHITECTURES)})")
-        try:
-            heads = int(cfg["num_attention_heads"])
-            hidden = int(cfg["hidden_size"])
-            rope_scaling = cfg.get("rope_scaling")
-            rope_theta = cfg.get("rope_theta")
-            params = cfg.get("rope_parameters")  # transformers >= 5 folds theta and scaling in here
-            if isinstance(params, dict):
-                rope_theta = params.get("rope_theta", rope_theta)
-                if params.get("rope_type", "default") != "default" and rope_scaling is None:
-                    rope_scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-            config = cls(
-                architecture=arch,
-                vocab_size=int(cfg["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(cfg["intermediate_size"]),
-                num_hidden_layers=int(cfg["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
-                rope_scaling=rope_scaling,
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
-                mlp_bias=bool(cfg.get("mlp_bias", False)),
-                hidden_act=cfg.get("hidden_act", "silu"),
-                bos_token_id=cfg.get("bos_token_id"),
-                eos_token_id=cfg.get("eos_token_id"),
-                torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelLoadError(path, f"config.json is missing or has a bad field: {exc}") from None
+        heads = f.int("num_attention_heads")
+        hidden = f.int("hidden_size")
+        head_dim = f.int("head_dim", None)
+        if head_dim is None:
+            if hidden % heads:
+                raise ModelLoadError(path, f"hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
+                                           f"(and there is no head_dim)")
+            head_dim = hidden // heads
+        rope_scaling = cfg.get("rope_scaling")
+        rope_theta = f.float("rope_theta", 10000.0)
+        params = cfg.get("rope_parameters")  # transformers >= 5 folds theta and scaling in here
+        if params is not None:
+            if not isinstance(params, dict):
+                raise ModelLoadError(path, f"config.json field 'rope_parameters' must be an object, "
+                                           f"got {_show(params)}")
+            rope_theta = _Fields(params, path, "config.json rope_parameters").float("rope_theta", rope_theta)
+            if params.get("rope_type", "default") != "default" and rope_scaling is None:
+                rope_scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        config = cls(
+            architecture=arch,
+            vocab_size=f.int("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=f.int("intermediate_size"),
+            num_hidden_layers=f.int("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=f.int("num_key_value_heads", heads),
+            head_dim=head_dim,
+            rms_norm_eps=f.float("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=f.int("max_position_embeddings", 4096),
+            tie_word_embeddings=f.bool("tie_word_embeddings", False),
+            attention_bias=f.bool("attention_bias", arch == "qwen2"),
+            mlp_bias=f.bool("mlp_bias", False),
+            hidden_act=f.str("hidden_act", "silu"),
+            bos_token_id=f.token_ids("bos_token_id", allow_list=False),
+            eos_token_id=f.token_ids("eos_token_id", allow_list=True),
+            torch_dtype=f.str("torch_dtype", None) or f.str("dtype", None),
+        )
         return config.validate(path)
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "ModelConfig":
         path = os.fspath(path)
         try:
-            with open(path, encoding="utf-8") as f:
-                cfg = json.load(f)
+            if os.path.isdir(path):
+                raise ModelLoadError(path, "config.json is a folder, not a file")
+            if os.path.getsize(path) > MAX_CONFIG_BYTES:
+                raise ModelLoadError(path, f"config.json is {os.path.getsize(path)} bytes, "
+                                           f"more than any real config (limit {MAX_CONFIG_BYTES})")
+            with open(path, "rb") as fh:
+                cfg = json.loads(fh.read(), parse_constant=_reject_constant)
+        except ModelLoadError:
+            raise
         except FileNotFoundError:
             raise ModelLoadError(path, "config.json not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(path, f"cannot read config.json: {exc}") from None
+        except OSError as exc:
+            raise ModelLoadError(path, f"cannot read config.json: {exc.strerror or exc}") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+            raise ModelLoadError(path, f"config.json is not valid JSON: {_clip(str(exc))}") from None
         if not isinstance(cfg, dict):
-            raise ModelLoadError(path, "config.json is not a JSON object")
+            raise ModelLoadError(path, f"config.json is not a JSON object (it is a {type(cfg).__name__})")
         return cls.from_hf(cfg, path)
 
     @classmethod
     def from_gguf(cls, metadata: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
                   path: str | None = None) -> "ModelConfig":
         gguf_arch = metadata.get("general.architecture")
-        arch = GGUF_ARCHITECTURES.get(gguf_arch)
+        arch = GGUF_ARCHITECTURES.get(gguf_arch) if isinstance(gguf_arch, str) else None
         if arch is None:
-            raise ModelLoadError(path, f"unsupported GGUF architecture {gguf_arch!r} "
+            raise ModelLoadError(path, f"unsupported GGUF architecture {_show(gguf_arch)} "
                                        f"(supported: {sorted(GGUF_ARCHITECTURES)})")
+        f = _Fields(metadata, path, "GGUF metadata", prefix=f"{gguf_arch}.")
 
-        def get(key, default=None, required=False):
-            value = metadata.get(f"{gguf_arch}.{key}", default)
-            if required and value is None:
-                raise ModelLoadError(path, f"GGUF metadata key {gguf_arch}.{key} is missing")
-            return value
-
-        heads = int(get("attention.head_count", required=True))
-        kv_heads = get("attention.head_count_kv", heads)
+        heads = f.int("attention.head_count")
+        kv_heads = f.raw("attention.head_count_kv", heads)
         if isinstance(kv_heads, list):  # per-layer lists exist in some GGUFs; ours are uniform
-            kv_heads = kv_heads[0]
-        hidden = int(get("embedding_length", required=True))
+            if not kv_heads or any(v != kv_heads[0] for v in kv_heads):
+                raise ModelLoadError(path, f"GGUF metadata {gguf_arch}.attention.head_count_kv is a per-layer "
+                                           f"list {_show(kv_heads)}: only one value for all layers is supported")
+            kv_heads = _Fields({"k": kv_heads[0]}, path, "GGUF metadata").int("k")
+        else:
+            kv_heads = f.int("attention.head_count_kv", heads)
+        hidden = f.int("embedding_length")
         embd = tensor_shapes.get("token_embd.weight")
         if embd is None:
             raise ModelLoadError(path, "GGUF has no token_embd.weight tensor")
-        vocab = int(get("vocab_size", embd[0]))
-        head_dim = int(get("attention.key_length", get("rope.dimension_count", hidden // heads)))
+        if len(embd) != 2:
+            raise ModelLoadError(path, f"GGUF tensor token_embd.weight has shape {tuple(embd)}, not 2-D")
+        head_dim = f.int("attention.key_length", None)
+        if head_dim is None:
+            head_dim = f.int("rope.dimension_count", None)
+        if head_dim is None:
+            if hidden % heads:
+                raise ModelLoadError(path, f"{gguf_arch}.embedding_length {hidden} is not a multiple of "
+                                           f"{gguf_arch}.attention.head_count {heads}")
+            head_dim = hidden // heads
         rope_scaling = None
-        scaling_type = get("rope.scaling.type")
+        scaling_type = f.str("rope.scaling.type", None)
         if arch == "llama" and "rope_freqs.weight" in tensor_shapes:
             # llama.cpp stores Llama-3 rope scaling as precomputed frequency factors; the
             # original parameters are not in the file. Llama 3.1's are the only ones in use.
             rope_scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-        elif scaling_type in ("linear", "yarn"):
-            rope_scaling = {"rope_type": scaling_type, "factor": float(get("rope.scaling.factor", 1.0))}
-            orig = get("rope.scaling.original_context_length")
+        elif scaling_type not in (None, "none"):
+            rope_scaling = {"rope_type": scaling_type, "factor": f.float("rope.scaling.factor", 1.0)}
+            orig = f.int("rope.scaling.original_context_length", None)
             if orig:
-                rope_scaling["original_max_position_embeddings"] = int(orig)
+                rope_scaling["original_max_position_embeddings"] = orig
         config = cls(
             architecture=arch,
-            vocab_size=vocab,
+            vocab_size=f.int("vocab_size", int(embd[0])),
             hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length", required=True)),
-            num_hidden_layers=int(get("block_count", required=True)),
+            intermediate_size=f.int("feed_forward_length"),
+            num_hidden_layers=f.int("block_count"),
             num_attention_heads=heads,
-            num_key_value_heads=int(kv_heads),
+            num_key_value_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rms_norm_eps=f.float("attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta=f.float("rope.freq_base", 10000.0),
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(get("context_length", 4096)),
+            max_position_embeddings=f.int("context_length", 4096),
             tie_word_embeddings="output.weight" not in tensor_shapes,
-            attention_bias=f"blk.0.attn_q.bias" in tensor_shapes,
-            bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
-            eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
+            attention_bias="blk.0.attn_q.bias" in tensor_shapes,
+            bos_token_id=_Fields(metadata, path, "GGUF metadata").token_ids("tokenizer.ggml.bos_token_id", False),
+            eos_token_id=_Fields(metadata, path, "GGUF metadata").token_ids("tokenizer.ggml.eos_token_id", False),
         )
         return config.validate(path)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
