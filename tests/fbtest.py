@@ -13,13 +13,13 @@ import torch
 TIE = 1e-4  # a divergence is accepted only where the reference's top-2 logits are this close
 
 
-def tiny_hf_model(arch: str, seed: int = 0, vocab: int = 1024):
+def tiny_hf_model(arch: str, seed: int = 0, vocab: int = 1024, hidden: int = 256):
     """A random-weight transformers model of a tiny shape: Qwen2 (QKV bias) or Llama 3 (rope scaling).
 
     Weights get a larger spread than the default init so that greedy choices are clear."""
     import transformers
 
-    common = dict(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     if arch == "qwen2":
@@ -42,6 +42,13 @@ def tiny_hf_model(arch: str, seed: int = 0, vocab: int = 1024):
             else:
                 p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5 * 1.5)
     return model
+
+
+def tokenizer_metadata(gguf_path: str) -> dict:
+    """The tokenizer.* keys of a GGUF (works on the cut-off R1 part)."""
+    from finback.loader.gguf import read_gguf_metadata
+
+    return {k: v for k, v in read_gguf_metadata(gguf_path).items() if k.startswith("tokenizer.")}
 
 
 def save_safetensors(model, folder: str) -> str:

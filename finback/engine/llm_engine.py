@@ -59,6 +59,12 @@ class LLMEngine:
         self.load_duration_ns = time.perf_counter_ns() - t0
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = self._eos_ids()
+        # reasoning block markers, when the vocabulary has them as single tokens (the R1 family)
+        self.think_ids: tuple[int, int] | None = None
+        if self.tokenizer is not None:
+            open_id, close_id = self.tokenizer.token_to_id("<think>"), self.tokenizer.token_to_id("</think>")
+            if open_id is not None and close_id is not None:
+                self.think_ids = (open_id, close_id)
 
     # -- setup -----------------------------------------------------------------------------
     def _eos_ids(self) -> frozenset[int]:
@@ -131,6 +137,11 @@ class LLMEngine:
             if params.seed is not None:
                 gen = torch.Generator(self.device).manual_seed(params.seed + i)
             seq = Sequence(req, i, p, gen)
+            if self.think_ids is not None:  # generation starts inside a block the template opened
+                o, c = self.think_ids
+                last_open = max((k for k, t in enumerate(prompt_token_ids) if t == o), default=-1)
+                seq.reasoning_open = last_open > max((k for k, t in enumerate(prompt_token_ids) if t == c),
+                                                     default=-1)
             if self.tokenizer is not None:
                 from finback.tokenizer.detokenizer import IncrementalDetokenizer
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=p.skip_special_tokens)
@@ -191,7 +202,25 @@ class LLMEngine:
             outputs.append(self._output(req))
         return outputs
 
+    def _reasoning(self, seq: Sequence, token: int) -> int:
+        """Track the reasoning block; past the request's reasoning budget (max_thinking_tokens) the
+        block is closed: the close tag replaces the sampled token."""
+        if self.think_ids is None:
+            return token
+        open_id, close_id = self.think_ids
+        budget = seq.params.max_thinking_tokens
+        if seq.reasoning_open and budget is not None and seq.reasoning_tokens >= budget:
+            token = close_id
+        if token == open_id and seq.num_output_tokens == 0:
+            seq.reasoning_open = True
+        elif token == close_id:
+            seq.reasoning_open = False
+        elif seq.reasoning_open:
+            seq.reasoning_tokens += 1
+        return token
+
     def _append(self, seq: Sequence, token: int, lp) -> None:
+        token = self._reasoning(seq, token)
         seq.token_ids.append(token)
         p = seq.params
         if lp is not None and seq.logprobs is not None:

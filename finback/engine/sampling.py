@@ -53,7 +53,7 @@ class SamplingParams:
     ``top_k``: 0 or -1 = off. ``repeat_last_n``: 0 (or -1) = the whole history.
     ``max_tokens``: None = until the context is full. ``logprobs``: None = none,
     0 = only the chosen token's logprob, n = also the top-n alternatives (n <= 20).
-    ``max_thinking_tokens`` is carried for the reasoning feature and only validated here.
+    ``max_thinking_tokens``: a reasoning budget; past it the engine closes the ``<think>`` block.
     """
 
     n: int = 1

@@ -89,6 +89,7 @@ def _params(data: dict, chat: bool) -> SamplingParams:
             max_tokens=max_tokens,
             logprobs=logprobs,
             ignore_eos=bool(data.get("ignore_eos", False)),
+            max_thinking_tokens=_num(data, "max_thinking_tokens", None, int, 0),
         )
     except ValueError as exc:
         raise OpenAIError(400, str(exc)) from None
