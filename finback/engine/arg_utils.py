@@ -10,7 +10,8 @@ class EngineArgs:
     model: str
     tokenizer: str | None = None          # path to a tokenizer (GGUF / tokenizer.json / folder); default: the model's
     skip_tokenizer_init: bool = False
-    dtype: str = "auto"                   # auto: bf16 on GPU, fp32 on CPU
+    dtype: str = "auto"                   # auto: bf16 (tests comparing with transformers use float32)
+    keep_int4: bool = True                # CPU bf16: keep Q4_0/Q4_1/Q4_K GGUF weights 4-bit
     device: str = "auto"
     max_model_len: int | None = None      # default: the model's context length, capped by the KV cache
     max_num_seqs: int = 256

@@ -52,7 +52,8 @@ class LLMEngine:
                     self.tokenizer = Tokenizer.from_pretrained(checkpoint.path)
             self.gguf_metadata = checkpoint.gguf_metadata
             self.model_path = checkpoint.path
-            self.runner = ModelRunner(checkpoint, self.device, self.dtype, seed=args.seed)
+            self.runner = ModelRunner(checkpoint, self.device, self.dtype, seed=args.seed,
+                                      keep_int4=args.keep_int4)
         finally:
             checkpoint.close()
         self._setup_cache()

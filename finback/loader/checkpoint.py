@@ -120,7 +120,7 @@ class Checkpoint:
     entries: list[TensorEntry]
     gguf_metadata: dict[str, Any] | None = None
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self, int4: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -228,18 +228,32 @@ class GGUFCheckpoint(Checkpoint):
     def _layers_key(self) -> str:
         return f"{self.gguf_metadata.get('general.architecture')}.block_count"
 
-    def weights(self):
+    def weights(self, int4: bool = False):
+        """With int4, 2-D linear weights of types Q4_0/Q4_1/Q4_K come as `Int4Tensor` (4-bit groups)
+        instead of dense tensors; the embedding and the LM head stay dense."""
+        from finback.layers.quantized import Int4Tensor
+        from finback.loader.quants import INT4_TYPES, int4_groups
+
         cfg = self.config
         for e in self.entries:
             name = e.file_name
-            tensor = self.file.load(name)
+            info = self.file.tensors[name]
+            if (int4 and info.ggml_type in INT4_TYPES and len(info.shape) == 2
+                    and name.startswith("blk.") and name.endswith(".weight")):
+                tensor = Int4Tensor(*int4_groups(self.file.raw(name), info.ggml_type, tuple(info.shape)))
+            else:
+                tensor = self.file.load(name)
             if cfg.architecture == "llama" and name.endswith((".attn_q.weight", ".attn_k.weight",
                                                               ".attn_q.bias", ".attn_k.bias")):
                 heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
                 if tensor.shape[0] % (2 * heads):
                     raise ModelLoadError(e.file, f"tensor {name} has {tensor.shape[0]} rows, "
                                                  f"not a multiple of 2 x {heads} heads")
-                tensor = unpermute_qk(tensor, heads)
+                if isinstance(tensor, Int4Tensor):
+                    rows = torch.arange(tensor.shape[0])
+                    tensor = tensor.permute_rows(unpermute_qk(rows, heads))
+                else:
+                    tensor = unpermute_qk(tensor, heads)
             yield e.name, tensor
 
     def close(self):
@@ -293,7 +307,7 @@ class SafetensorsCheckpoint(Checkpoint):
                     raise ModelLoadError(index, f"lists tensor {name!r} in {rel}, which does not hold it{where}")
         self._check_against_config()
 
-    def weights(self):
+    def weights(self, int4: bool = False):  # dense formats: nothing stays 4-bit
         from safetensors import safe_open
 
         by_file: dict[str, list[str]] = {}

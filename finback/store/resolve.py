@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from finback.loader.errors import ModelLoadError
 from finback.store.catalog import EMBEDDED_NAMES, is_embedded
 from finback.store.names import InvalidModelName, ModelNotFound
 from finback.store.packaged import embedded_model_path
@@ -26,6 +27,8 @@ class UnknownModel(ModelNotFound):
 def resolve_model_path(model: str, store=None) -> str:
     if os.path.exists(model):
         return model
+    if os.path.isabs(model) or model.startswith((".", "~")) or model.endswith((".gguf", ".safetensors", ".json")):
+        raise ModelLoadError(model, "no such file or folder")  # a path, not a model name
     try:
         from finback.store.store import Store
 

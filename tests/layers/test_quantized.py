@@ -78,3 +78,16 @@ def test_mixed_parts_stay_dense():
     gu.weight_loader(gu.weight, t, 0)
     gu.weight_loader(gu.weight, torch.randn(64, 256), 1)  # a part in another type (Q6_K in Q4_K_M)
     assert not gu.finalize_int4() and gu.int4 is None and gu.weight.shape == (128, 256)
+
+
+def test_embedded_model_runs_4bit(smollm2_path):
+    """The default CPU mode (bf16) keeps SmolLM2's Q4_1 weights 4-bit and still answers right."""
+    from finback import LLM, SamplingParams
+    from finback.layers.linear import _Linear
+
+    llm = LLM(smollm2_path, kv_cache_space_gb=0.1)
+    linears = [m for m in llm.engine.runner.model.modules() if isinstance(m, _Linear)]
+    assert linears and all(m.int4 is not None for m in linears)
+    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+                   SamplingParams(temperature=0, max_tokens=16))[0].outputs[0].text
+    assert "Paris" in out

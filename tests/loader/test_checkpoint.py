@@ -673,8 +673,6 @@ def test_path_does_not_exist(tmp_path):
     _expect(path, path, "no such file", via_llm=False)
 
 
-@pytest.mark.xfail(strict=True, reason="finback/store/resolve.py raises UnknownModel (not ModelLoadError) "
-                                       "for a path that does not exist, before open_checkpoint is reached")
 def test_path_does_not_exist_via_llm(tmp_path):
     path = str(tmp_path / "nowhere" / "model.gguf")
     with pytest.raises(Exception) as info:
