@@ -70,6 +70,18 @@ _HF_TO_GGUF = {
 }
 
 
+_HF_TO_GGUF_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                      "lm_head.weight": "output.weight"}
+
+
+def _gguf_name(name: str) -> str:
+    """llama.cpp's name of a transformers Llama/Qwen2 parameter (written here, not finback's)."""
+    if name in _HF_TO_GGUF_GLOBAL:
+        return _HF_TO_GGUF_GLOBAL[name]
+    parts = name.split(".")
+    return f"blk.{parts[2]}.{_HF_TO_GGUF['.'.join(parts[3:-1])]}.{parts[-1]}"
+
+
 def write_gguf(model, path: str, qtype_name: str, tokenizer_metadata: dict | None = None) -> str:
     """Write a transformers Llama/Qwen2 model as a GGUF the way llama.cpp's converter lays it out:
     2-D weights in `qtype_name` (F16, Q8_0, Q4_K, ...), norms and biases F32, Llama Q/K permuted."""
@@ -101,19 +113,10 @@ def write_gguf(model, path: str, qtype_name: str, tokenizer_metadata: dict | Non
         scaled = rope_inv_freq(head_dim, float(rope["rope_theta"]), rope)
         w.add_tensor("rope_freqs.weight", (base / scaled).numpy().astype(np.float32))
     for name, arr in sd.items():
-        if name == "model.embed_tokens.weight":
-            gname = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gname = "output_norm.weight"
-        elif name == "lm_head.weight":
-            gname = "output.weight"
-        else:
-            parts = name.split(".")
-            layer, rest, kind = parts[2], ".".join(parts[3:-1]), parts[-1]
-            gname = f"blk.{layer}.{_HF_TO_GGUF[rest]}.{kind}"
-            if arch == "llama" and rest in ("self_attn.q_proj", "self_attn.k_proj"):
-                heads = cfg.num_attention_heads if rest.endswith("q_proj") else cfg.num_key_value_heads
-                arr = _permute_qk(arr, heads)
+        gname = _gguf_name(name)
+        if arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = cfg.num_attention_heads if "attn_q" in gname else cfg.num_key_value_heads
+            arr = _permute_qk(arr, heads)
         if arr.ndim == 1:
             w.add_tensor(gname, arr.astype(np.float32))
         else:
@@ -159,16 +162,7 @@ def dequantized_reference(model, gguf_path: str):
     arch = "qwen2" if cfg.model_type == "qwen2" else "llama"
     with torch.no_grad():
         for name, p in ref.named_parameters():
-            if name == "model.embed_tokens.weight":
-                gname = "token_embd.weight"
-            elif name == "model.norm.weight":
-                gname = "output_norm.weight"
-            elif name == "lm_head.weight":
-                gname = "output.weight"
-            else:
-                parts = name.split(".")
-                rest = ".".join(parts[3:-1])
-                gname = f"blk.{parts[2]}.{_HF_TO_GGUF[rest]}.{parts[-1]}"
+            gname = _gguf_name(name)
             t = by_name[gname]
             arr = gguf.quants.dequantize(t.data, t.tensor_type).reshape(p.shape)
             if arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
