@@ -507,7 +507,7 @@ def build_router(manager: ModelManager) -> APIRouter:
             if tmpdir:
                 import shutil
                 shutil.rmtree(tmpdir, ignore_errors=True)
-        manager.unload(manager.canonical(name)) if manager.canonical(name) in manager.loaded else None
+        manager.unload(manager.canonical(name))  # a loaded model of that name is stale now
         items = [{"status": "using existing layer"}, {"status": "writing manifest"}, {"status": "success"}]
         if data.get("stream", True) is False:
             return {"status": "success"}
