@@ -85,6 +85,15 @@ class AsyncEngine:
                 self._commands.put(("abort", request_id))
                 self._wake.set()
 
+    async def embed(self, prompt_token_ids: list[int], normalize: bool = True) -> list[float]:
+        """Run LLMEngine.embed in the engine thread, between steps."""
+        if not self.is_running:
+            raise EngineDeadError(f"the engine is not running: {self.error!r}")
+        fut = asyncio.get_running_loop().create_future()
+        self._commands.put(("embed", fut, prompt_token_ids, normalize))
+        self._wake.set()
+        return await fut
+
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
         self._wake.set()
@@ -117,6 +126,14 @@ class AsyncEngine:
                     self.engine.add_request(rid, ids, params, prompt=prompt)
                 except Exception as exc:  # bad request: tell that client only
                     self._deliver(rid, exc)
+            elif cmd[0] == "embed":
+                _, fut, ids, normalize = cmd
+                loop = fut.get_loop()
+                try:
+                    result = self.engine.embed(ids, normalize)
+                    loop.call_soon_threadsafe(lambda f=fut, r=result: f.done() or f.set_result(r))
+                except Exception as exc:
+                    loop.call_soon_threadsafe(lambda f=fut, e=exc: f.done() or f.set_exception(e))
             elif cmd[0] == "abort":
                 out = self.engine.abort_request(cmd[1])
                 if out is not None:

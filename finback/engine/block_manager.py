@@ -152,6 +152,19 @@ class BlockManager:
             if blk.ref_count == 0:
                 self.free[b] = None
 
+    def borrow(self, n: int) -> list[int]:
+        """n fresh blocks outside any sequence (scratch space for a one-off pass); NoFreeBlocks if
+        there are not enough. Give them back with `give_back`."""
+        if n > len(self.free):
+            raise NoFreeBlocks
+        return [self._take_fresh() for _ in range(n)]
+
+    def give_back(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.blocks[b].ref_count -= 1
+            if self.blocks[b].ref_count == 0:
+                self.free[b] = None
+
     def reset_prefix_cache(self) -> None:
         for h, b in list(self.cached.items()):
             if self.blocks[b].ref_count == 0:

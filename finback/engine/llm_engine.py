@@ -13,7 +13,7 @@ import time
 import torch
 
 from finback.engine.arg_utils import EngineArgs
-from finback.engine.block_manager import BlockManager
+from finback.engine.block_manager import BlockManager, NoFreeBlocks
 from finback.engine.request import (CompletionOutput, Request, RequestOutput, Sequence,
                                     SequenceStatus)
 from finback.engine.sampling import SamplingParams
@@ -161,6 +161,31 @@ class LLMEngine:
                 self.scheduler.finish(seq)
         req.metrics.finished_ns = time.perf_counter_ns()
         return self._output(req)
+
+    def embed(self, prompt_token_ids: list[int], normalize: bool = True) -> list[float]:
+        """Mean-pooled final hidden states of a prompt (L2-normalised unless told otherwise), as
+        Ollama's /api/embed gives for a generative model. Borrows free KV blocks for the pass."""
+        if not prompt_token_ids:
+            raise ValueError("the input is empty")
+        if len(prompt_token_ids) > self.max_model_len:
+            raise PromptTooLong(f"the input has {len(prompt_token_ids)} tokens but the context holds "
+                                f"{self.max_model_len}")
+        vocab = self.model_config.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_token_ids):
+            raise ValueError(f"token ids must be integers in [0, {vocab})")
+        bm = self.block_manager
+        try:
+            table = bm.borrow(-(-len(prompt_token_ids) // bm.block_size))
+        except NoFreeBlocks:
+            raise RuntimeError("no free KV blocks for the embedding now: try again") from None
+        try:
+            hidden = self.runner.hidden_states(prompt_token_ids, table).float()
+        finally:
+            bm.give_back(table)
+        vec = hidden.mean(dim=0)
+        if normalize:
+            vec = vec / vec.norm().clamp_min(1e-12)
+        return vec.tolist()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

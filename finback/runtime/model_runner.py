@@ -107,6 +107,20 @@ class ModelRunner:
         self.block_size = block_size
 
     @torch.inference_mode()
+    def hidden_states(self, token_ids: list[int], block_table: list[int]) -> torch.Tensor:
+        """Final hidden states [T, H] of one prompt, computed through the paged cache blocks given
+        (the caller owns them; used for embeddings)."""
+        bs = self.block_size
+        n = len(token_ids)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor([block_table[p // bs] * bs + p % bs for p in range(n)], dtype=torch.long,
+                                      device=self.device),
+            query_lens=[n], context_lens=[0], block_tables=[block_table], block_size=bs, backend=self.backend)
+        self.backend.prepare(meta, self.device)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        return self.model(ids, torch.arange(n, device=self.device), meta)
+
+    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, block_tables: list[list[int]], eos_token_ids: frozenset[int]
                 ) -> tuple[list[int], SamplerOutput]:
         """Run one step. Returns the batch indices of the sequences that produce a token this step

@@ -542,10 +542,61 @@ def build_router(manager: ModelManager) -> APIRouter:
             raise APIError(404, f"model '{name}' not found")
         return Response(status_code=200)
 
+    async def _embed_texts(model: LoadedModel, texts: list[str], truncate: bool, normalize: bool):
+        vectors, count = [], 0
+        for text in texts:
+            ids = model.tokenizer.encode(text, add_special_tokens=True)
+            if len(ids) > model.context_length:
+                if not truncate:
+                    raise APIError(400, "the input length exceeds the context length")
+                ids = ids[:model.context_length]
+            count += len(ids)
+            try:
+                vectors.append(await model.engine.embed(ids, normalize))
+            except ValueError as exc:
+                raise APIError(400, str(exc)) from None
+        return vectors, count
+
     @router.post("/api/embed")
-    @router.post("/api/embeddings")
     async def embed(request: Request):
-        raise APIError(501, "embeddings are not supported yet by finback")
+        """Mean-pooled, L2-normalised final hidden states per input (Ollama's shape)."""
+        data = await read_json(request)
+        inputs = data.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
+            raise APIError(400, "input must be a string or a list of strings")
+        t0 = time.perf_counter_ns()
+        model = await _load(data)
+        vectors, count = await _embed_texts(model, inputs, data.get("truncate", True) is not False, True)
+        dims = data.get("dimensions")
+        if dims is not None:
+            if not isinstance(dims, int) or isinstance(dims, bool) or dims < 1:
+                raise APIError(400, "dimensions must be a positive integer")
+            import math
+            cut = []
+            for v in vectors:
+                v = v[:dims]
+                norm = math.sqrt(sum(x * x for x in v)) or 1.0
+                cut.append([x / norm for x in v])
+            vectors = cut
+        load = model.load_duration_ns if model.pending_load_report else 0
+        model.pending_load_report = False
+        return {"model": model.name, "embeddings": vectors, "total_duration": time.perf_counter_ns() - t0,
+                "load_duration": load, "prompt_eval_count": count}
+
+    @router.post("/api/embeddings")
+    async def embeddings(request: Request):
+        """The older route: one prompt, one vector, not normalised."""
+        data = await read_json(request)
+        prompt = data.get("prompt", "")
+        if not isinstance(prompt, str):
+            raise APIError(400, "prompt must be a string")
+        model = await _load(data)
+        if not prompt:
+            return {"embedding": []}
+        vectors, _ = await _embed_texts(model, [prompt], True, False)
+        return {"embedding": vectors[0]}
 
     return router
 

@@ -104,3 +104,16 @@ def test_raw_requests(server):
     assert len(lines) > 2 and lines[-1]["done"] is True and not lines[0]["done"]
     with urllib.request.urlopen(server[0] + "/api/version") as r:
         assert "version" in json.loads(r.read())
+
+
+def test_embed(client):
+    import math
+
+    r = client.embed(model=MODEL, input=["The cat sat on the mat.", "A cat is sitting on a mat.", "Stock prices fell."])
+    a, b, c = r.embeddings
+    assert len(a) == 576 and abs(math.sqrt(sum(x * x for x in a)) - 1) < 1e-3
+    cos = lambda u, v: sum(x * y for x, y in zip(u, v))  # noqa: E731
+    assert cos(a, b) > cos(a, c)  # similar sentences are closer
+    old = client.embeddings(model=MODEL, prompt="The cat sat on the mat.")
+    n = math.sqrt(sum(x * x for x in old.embedding))
+    assert max(abs(x / n - y) for x, y in zip(old.embedding, a)) < 1e-3
