@@ -138,6 +138,14 @@ class LLMEngine:
             if params.seed is not None:
                 gen = torch.Generator(self.device).manual_seed(params.seed + i)
             seq = Sequence(req, i, p, gen)
+            if p.json_mode:
+                if self.tokenizer is None or not self.tokenizer.byte_level:
+                    raise ValueError("JSON mode needs the model's byte-level tokenizer")
+                from finback.engine.json_mode import JSONPrefix
+
+                if not self.runner.token_bytes:
+                    self.runner.token_bytes = self.tokenizer.token_bytes_table(False)
+                seq.json_state = JSONPrefix()
             if self.think_ids is not None:  # generation starts inside a block the template opened
                 o, c = self.think_ids
                 last_open = max((k for k, t in enumerate(prompt_token_ids) if t == o), default=-1)
@@ -248,6 +256,8 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int, lp) -> None:
         token = self._reasoning(seq, token)
         seq.token_ids.append(token)
+        if seq.json_state is not None and token not in self.eos_token_ids:
+            seq.json_state.feed(self.runner.token_bytes[token])
         p = seq.params
         if lp is not None and seq.logprobs is not None:
             chosen, top = lp

@@ -117,6 +117,7 @@ class Sequence:
         self.emitted_tokens = 0     # output tokens already streamed
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
+        self.json_state = None  # JSONPrefix in JSON mode
         self.reasoning_open = False  # inside a <think> block (the engine tracks it)
         self.reasoning_tokens = 0
 

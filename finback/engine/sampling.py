@@ -75,6 +75,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     max_thinking_tokens: int | None = None
+    json_mode: bool = False  # constrain the output to one JSON value (see finback/engine/json_mode.py)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str):

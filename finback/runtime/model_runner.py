@@ -94,6 +94,7 @@ class ModelRunner:
         self.sampler = Sampler(default_seed=seed)
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = 0
+        self.token_bytes: list[bytes] = []  # set by the engine when JSON mode is possible
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         layers = self.model.attention_layers()
@@ -105,6 +106,18 @@ class ModelRunner:
             layer.kv_cache = cache
             self.kv_caches.append(cache)
         self.block_size = block_size
+
+    def _constrain_json(self, logits: torch.Tensor, row: int, seq, eos_token_ids: frozenset[int]) -> None:
+        """Mask row `row` to the tokens that keep the output a JSON prefix (JSON mode)."""
+        from finback.engine.json_mode import CANDIDATES, allowed_tokens
+
+        k = min(CANDIDATES, logits.shape[1])
+        top = torch.topk(logits[row], k).indices.tolist()
+        allowed = allowed_tokens(seq.json_state, top, self.token_bytes, eos_token_ids)
+        keep = torch.full_like(logits[row], float("-inf"))
+        idx = torch.tensor(allowed or sorted(eos_token_ids), dtype=torch.long, device=logits.device)
+        keep[idx] = logits[row, idx]
+        logits[row] = keep
 
     @torch.inference_mode()
     def hidden_states(self, token_ids: list[int], block_table: list[int]) -> torch.Tensor:
@@ -160,6 +173,9 @@ class ModelRunner:
             return [], SamplerOutput(token_ids=[], logprobs=[])
         logits = self.model.compute_logits(hidden[torch.tensor(last_token_index, device=dev)]).float()
         seqs = [batch.seqs[i] for i in sample_rows]
+        for r, seq in enumerate(seqs):
+            if seq.json_state is not None:
+                self._constrain_json(logits, r, seq, eos_token_ids)
         out = self.sampler(
             logits,
             [s.params for s in seqs],

@@ -238,15 +238,23 @@ def build_router(manager: ModelManager) -> APIRouter:
         final = dict(final, content="".join(content), thinking="".join(thinking))
         return JSONResponse(shape(model, final))
 
-    def _params(model: LoadedModel, data: dict):
+    def _params(model: LoadedModel, data: dict, json_mode: bool = False):
         try:
-            return sampling_params(data.get("options"), model.params, model.context_length)
+            params = sampling_params(data.get("options"), model.params, model.context_length)
         except OptionError as exc:
             raise APIError(400, str(exc)) from None
+        params.json_mode = json_mode
+        return params
 
-    def _check_format(data: dict) -> None:
-        if data.get("format") not in (None, ""):
-            raise APIError(400, "structured outputs (format) are not supported yet by finback")
+    def _json_mode(data: dict) -> bool:
+        fmt = data.get("format")
+        if fmt in (None, ""):
+            return False
+        if fmt == "json":
+            return True
+        if isinstance(fmt, dict):
+            raise APIError(400, 'JSON schema formats are not supported yet by finback: use "format": "json"')
+        raise APIError(400, f'invalid format {fmt!r}: use "json"')
 
     @router.get("/api/version")
     async def version():
@@ -255,7 +263,7 @@ def build_router(manager: ModelManager) -> APIRouter:
     @router.post("/api/chat")
     async def chat(request: Request):
         data = await read_json(request)
-        _check_format(data)
+        json_mode = _json_mode(data)
         messages = _check_messages(data.get("messages") or [])
         think = _think(data)
         model = await _load(data)
@@ -269,7 +277,7 @@ def build_router(manager: ModelManager) -> APIRouter:
             return JSONResponse({"model": model.name, "created_at": now_iso(),
                                  "message": {"role": "assistant", "content": ""},
                                  "done": True, "done_reason": reason})
-        params = _params(model, data)
+        params = _params(model, data, json_mode)
         prompt, add_bos = _render_chat(model, messages, data.get("tools"), think)
         opened = prompt_opens_reasoning(prompt)
         if think is False and opened:
@@ -286,7 +294,7 @@ def build_router(manager: ModelManager) -> APIRouter:
     @router.post("/api/generate")
     async def generate(request: Request):
         data = await read_json(request)
-        _check_format(data)
+        json_mode = _json_mode(data)
         if data.get("images"):
             raise APIError(400, "this model does not support images")
         prompt = data.get("prompt") or ""
@@ -300,7 +308,7 @@ def build_router(manager: ModelManager) -> APIRouter:
                 manager.unload(model.name)
             return JSONResponse({"model": model.name, "created_at": now_iso(), "response": "", "done": True,
                                  "done_reason": "unload" if ka == 0 else "load"})
-        params = _params(model, data)
+        params = _params(model, data, json_mode)
         if data.get("raw"):
             text, add_bos = prompt, False
         elif data.get("template"):

@@ -72,8 +72,14 @@ def _params(data: dict, chat: bool) -> SamplingParams:
     elif data.get("logprobs") is not None:
         logprobs = _num(data, "logprobs", 0, int, 0, 5)
     rf = data.get("response_format")
-    if isinstance(rf, dict) and rf.get("type") not in (None, "text"):
-        raise OpenAIError(400, f"response_format {rf.get('type')!r} is not supported yet", param="response_format")
+    json_mode = False
+    if rf is not None:
+        kind = rf.get("type") if isinstance(rf, dict) else None
+        if kind == "json_object":
+            json_mode = True
+        elif kind not in ("text",):
+            raise OpenAIError(400, f"response_format {kind!r} is not supported (text, json_object)",
+                              param="response_format")
     try:
         return SamplingParams(
             n=_num(data, "n", 1, int, 1, MAX_N),
@@ -90,6 +96,7 @@ def _params(data: dict, chat: bool) -> SamplingParams:
             logprobs=logprobs,
             ignore_eos=bool(data.get("ignore_eos", False)),
             max_thinking_tokens=_num(data, "max_thinking_tokens", None, int, 0),
+            json_mode=json_mode,
         )
     except ValueError as exc:
         raise OpenAIError(400, str(exc)) from None

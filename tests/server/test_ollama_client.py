@@ -117,3 +117,18 @@ def test_embed(client):
     old = client.embeddings(model=MODEL, prompt="The cat sat on the mat.")
     n = math.sqrt(sum(x * x for x in old.embedding))
     assert max(abs(x / n - y) for x, y in zip(old.embedding, a)) < 1e-3
+
+
+def test_format_json(client):
+    r = client.chat(model=MODEL, messages=[{"role": "user", "content": "Describe a cat as JSON with name and age."}],
+                    format="json", options={"temperature": 0, "num_predict": 60}, stream=False)
+    assert r.done_reason == "stop"  # the value closed, then only end-of-sequence was allowed
+    assert isinstance(json.loads(r.message.content), dict)
+    # cut short by num_predict, the text is still a JSON prefix
+    from finback.engine.json_mode import JSONPrefix
+    short = client.generate(model=MODEL, prompt="A cat as JSON:", format="json", options={"temperature": 0.7,
+                            "num_predict": 5, "seed": 3}, stream=False)
+    assert JSONPrefix().feed(short.response.encode())
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model=MODEL, messages=[{"role": "user", "content": "x"}], format={"type": "object"})
+    assert err.value.status_code == 400

@@ -89,3 +89,10 @@ def test_reasoning_goes_to_reasoning_content(client, server):
     raw = oc.chat(model="thinker:v1", messages=[{"role": "user", "content": "Hi"}],
                   options={"temperature": 0, "num_predict": 10})
     assert raw.message.content.startswith("<think>\n") and reasoning.strip() in raw.message.content
+
+
+def test_json_object(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Give a JSON list of 3 colors."}],
+                                       response_format={"type": "json_object"}, temperature=0, max_tokens=60)
+    assert r.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(r.choices[0].message.content), (dict, list))
