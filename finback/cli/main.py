@@ -1,18 +1,27 @@
-"""The `finback` command."""
+"""The `finback` command: `serve`, and the client commands Ollama's users know (run, pull, list,
+ps, show, create, rm, cp, stop), which talk to the server over Ollama's API.
+
+When no server answers at FINBACK_HOST / OLLAMA_HOST (default 127.0.0.1:11434), a client command
+starts `finback serve` in the background (a detached process whose log is
+~/.finback/logs/server.log, or logs/server.log beside FINBACK_MODELS) and waits for it, so every
+terminal shares one server and one engine. `run PATH` (a GGUF file or a safetensors folder) goes
+through the server too: the absolute path is the model's name, which the server opens directly.
+
+Errors are one line on stderr (`Error: ...`) and exit status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-from finback.store.resolve import DEFAULT_MODEL
+ENGINE_FLAGS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                "seed", "kv_cache_space_gb", "tensor_parallel_size", "gpu_memory_utilization")
 
 
 def _engine_args(ns) -> dict:
     out = {}
-    for name in ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                 "seed", "kv_cache_space_gb", "tensor_parallel_size", "gpu_memory_utilization"):
+    for name in ENGINE_FLAGS:
         value = getattr(ns, name, None)
         if value is not None:
             out[name] = value
@@ -21,8 +30,20 @@ def _engine_args(ns) -> dict:
     return out
 
 
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine (named as vLLM names them)")
+def _serve_argv(ns) -> list[str]:
+    """The engine flags given to a client command, for the server it may start."""
+    argv = []
+    for name in ENGINE_FLAGS:
+        value = getattr(ns, name, None)
+        if value is not None:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    if getattr(ns, "no_prefix_caching", False):
+        argv.append("--no-prefix-caching")
+    return argv
+
+
+def _add_engine_flags(p: argparse.ArgumentParser, note: str = "") -> None:
+    g = p.add_argument_group("engine (named as vLLM names them)" + note)
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device")
     g.add_argument("--max-model-len", type=int)
@@ -36,118 +57,19 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true")
 
 
-def _sampling(ns):
-    from finback.engine.sampling import SamplingParams
-
-    return SamplingParams(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, seed=ns.sampling_seed,
-                          max_tokens=ns.max_tokens, stop=ns.stop or None)
-
-
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--top-k", type=int, default=40)
-    g.add_argument("--max-tokens", type=int, default=512)
-    g.add_argument("--sampling-seed", type=int)
+    g = p.add_argument_group("sampling (sent as Ollama options; unset: the model's PARAMETERs)")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--max-tokens", type=int, help="num_predict")
+    g.add_argument("--num-ctx", type=int)
+    g.add_argument("--sampling-seed", type=int, help="seed")
     g.add_argument("--stop", action="append")
-    p.add_argument("--verbose", action="store_true", help="print Ollama's timing statistics after each answer")
+    g.add_argument("--option", "-o", action="append", metavar="KEY=VALUE", help="any Ollama option")
 
 
-def _stream(engine, ids, params, prompt_text=None) -> "RequestOutput":
-    rid = f"cli-{time.monotonic_ns()}"
-    engine.add_request(rid, ids, params, prompt=prompt_text)
-    last = None
-    try:
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.request_id == rid:
-                    sys.stdout.write(out.outputs[0].new_text)
-                    sys.stdout.flush()
-                    last = out
-    except KeyboardInterrupt:
-        engine.abort_request(rid)
-        print()
-        return last
-    print()
-    return last
-
-
-def _print_stats(out, load_ns: int) -> None:
-    def dur(ns):
-        return f"{ns / 1e9:.6f}s" if ns >= 1e9 else f"{ns / 1e6:.4f}ms"
-
-    pe, ev = out.prompt_eval_duration, out.eval_duration
-    print(f"total duration:       {dur(out.total_duration + load_ns)}", file=sys.stderr)
-    print(f"load duration:        {dur(load_ns)}", file=sys.stderr)
-    print(f"prompt eval count:    {out.prompt_eval_count} token(s)", file=sys.stderr)
-    print(f"prompt eval duration: {dur(pe)}", file=sys.stderr)
-    if pe:
-        print(f"prompt eval rate:     {out.prompt_eval_count / (pe / 1e9):.2f} tokens/s", file=sys.stderr)
-    print(f"eval count:           {out.eval_count} token(s)", file=sys.stderr)
-    print(f"eval duration:        {dur(ev)}", file=sys.stderr)
-    if ev and out.eval_count > 1:
-        print(f"eval rate:            {(out.eval_count - 1) / (ev / 1e9):.2f} tokens/s", file=sys.stderr)
-
-
-def cmd_run(ns) -> int:
-    from finback.engine.llm import LLM
-    from finback.prompt.template import ChatTemplate
-
-    llm = LLM(ns.model, **_engine_args(ns))
-    engine, tok = llm.engine, llm.get_tokenizer()
-    if not tok.chat_template:
-        print(f"error: model {ns.model} has no chat template; use `finback generate`", file=sys.stderr)
-        return 1
-    template = ChatTemplate(tok.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token)
-    params = _sampling(ns)
-    messages = [{"role": "system", "content": ns.system}] if ns.system else []
-    load_ns = engine.load_duration_ns
-
-    def turn(text: str) -> None:
-        nonlocal load_ns
-        messages.append({"role": "user", "content": text})
-        prompt = template.render(messages, add_generation_prompt=True)
-        out = _stream(engine, tok.encode(prompt), params, prompt)
-        if out is not None:
-            messages.append({"role": "assistant", "content": out.outputs[0].text})
-            if ns.verbose:
-                _print_stats(out, load_ns)
-        load_ns = 0
-
-    if ns.prompt:
-        turn(" ".join(ns.prompt))
-        return 0
-    print(">>> Send a message (/bye to exit, /set verbose to show statistics)", file=sys.stderr)
-    while True:
-        try:
-            line = input(">>> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return 0
-        if not line.strip():
-            continue
-        if line.strip() in ("/bye", "/exit"):
-            return 0
-        if line.strip() == "/set verbose":
-            ns.verbose = True
-            continue
-        if line.strip() == "/set quiet":
-            ns.verbose = False
-            continue
-        turn(line)
-
-
-def cmd_generate(ns) -> int:
-    from finback.engine.llm import LLM
-
-    llm = LLM(ns.model, **_engine_args(ns))
-    tok = llm.get_tokenizer()
-    out = _stream(llm.engine, tok.encode(ns.prompt, add_special_tokens=True), _sampling(ns), ns.prompt)
-    if ns.verbose and out is not None:
-        _print_stats(out, llm.engine.load_duration_ns)
-    return 0
-
+# ------------------------------------------------------------------------------------ commands
 
 def cmd_serve(ns) -> int:
     import logging
@@ -155,48 +77,220 @@ def cmd_serve(ns) -> int:
     from finback.server.app import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(host=ns.host, port=ns.port, engine_kwargs=_engine_args(ns))
+    kwargs = {}
+    if ns.api_key:
+        kwargs["api_keys"] = ns.api_key
+    if ns.max_concurrent_requests:
+        kwargs["max_concurrent_requests"] = ns.max_concurrent_requests
+    if ns.max_request_body:
+        kwargs["max_body_bytes"] = ns.max_request_body
+    serve(host=ns.host, port=ns.port, engine_kwargs=_engine_args(ns), **kwargs)
     return 0
 
 
+def _client(ns):
+    from finback.cli.client import Client
+
+    client = Client()
+    client.ensure_server(_serve_argv(ns))
+    return client
+
+
+def cmd_run(ns) -> int:
+    from finback.cli.run import start
+
+    return start(_client(ns), ns)
+
+
+def cmd_generate(ns) -> int:
+    from finback.cli import fmt
+    from finback.cli.run import options_from_flags
+
+    client = _client(ns)
+    req = {"model": ns.model, "prompt": ns.prompt, "raw": True, "stream": True}
+    opts = options_from_flags(ns)
+    if opts:
+        req["options"] = opts
+    final = None
+    with client.stream("/api/generate", req) as stream:
+        try:
+            for item in stream:
+                sys.stdout.write(item.get("response") or "")
+                sys.stdout.flush()
+                if item.get("done"):
+                    final = item
+        except KeyboardInterrupt:
+            pass
+    print()
+    if ns.verbose and final:
+        fmt.print_stats(final)
+    return 0
+
+
+def cmd_pull(ns) -> int:
+    from finback.cli import commands
+
+    commands.pull(_client(ns), ns.model)
+    return 0
+
+
+def cmd_list(ns) -> int:
+    from finback.cli import commands
+
+    commands.list_models(_client(ns))
+    return 0
+
+
+def cmd_ps(ns) -> int:
+    from finback.cli import commands
+
+    commands.ps(_client(ns))
+    return 0
+
+
+def cmd_show(ns) -> int:
+    from finback.cli import commands
+
+    what = None
+    for flag in ("modelfile", "template", "parameters", "system", "license"):
+        if getattr(ns, flag):
+            if what is not None:
+                from finback.cli.client import CLIError
+
+                raise CLIError("only one of --license, --modelfile, --parameters, --system, or --template "
+                               "can be specified")
+            what = flag
+    commands.show(_client(ns), ns.model, what)
+    return 0
+
+
+def cmd_create(ns) -> int:
+    from finback.cli import commands
+
+    commands.create(_client(ns), ns.model, ns.file)
+    return 0
+
+
+def cmd_rm(ns) -> int:
+    from finback.cli import commands
+
+    commands.rm(_client(ns), ns.models)
+    return 0
+
+
+def cmd_cp(ns) -> int:
+    from finback.cli import commands
+
+    commands.cp(_client(ns), ns.source, ns.destination)
+    return 0
+
+
+def cmd_stop(ns) -> int:
+    from finback.cli import commands
+
+    commands.stop(_client(ns), ns.model)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ parser
+
 def build_parser() -> argparse.ArgumentParser:
     from finback import __version__
+    from finback.store.resolve import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="finback", description="Run the DeepSeek-R1 family on your own hardware.")
-    parser.add_argument("--version", action="version", version=f"finback {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", "-v", action="version", version=f"finback {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="chat with a model (one-shot if a prompt is given)")
+    p = sub.add_parser("serve", help="start the server (FINBACK_HOST / OLLAMA_HOST, default 127.0.0.1:11434)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--api-key", help="require this key (comma-separated: several); default FINBACK_API_KEY")
+    p.add_argument("--max-concurrent-requests", type=int,
+                   help="generation requests in flight before 503 + Retry-After (default 256)")
+    p.add_argument("--max-request-body", type=int, help="largest JSON request body in bytes (default 16 MiB)")
+    _add_engine_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("run", help="chat with a model (one answer if a prompt is given, else a REPL)")
     p.add_argument("model", help=f"model name (the embedded default: {DEFAULT_MODEL}), GGUF file or "
                                  f"safetensors folder")
     p.add_argument("prompt", nargs="*")
-    p.add_argument("--system")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--verbose", action="store_true", help="print timings after each answer")
+    p.add_argument("--think", dest="think", action="store_const", const=True, default=None,
+                   help="ask for reasoning (default: on for models that think)")
+    p.add_argument("--nothink", "--no-think", dest="think", action="store_const", const=False,
+                   help="skip the reasoning")
+    p.add_argument("--hidethinking", action="store_true", help="do not print the reasoning")
+    p.add_argument("--keepalive", help="how long the model stays loaded (e.g. 5m, 1h, -1)")
+    p.add_argument("--nowordwrap", action="store_true", help=argparse.SUPPRESS)
     _add_sampling_flags(p)
-    _add_engine_flags(p)
+    _add_engine_flags(p, ": used if this command starts the server")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("serve", help="serve Ollama's API (default 127.0.0.1:11434; FINBACK_HOST / OLLAMA_HOST)")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    _add_engine_flags(p)
-    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("pull", help="pull a model into the store")
+    p.add_argument("model")
+    p.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("list", aliases=["ls"], help="list models")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("ps", help="list running models")
+    p.set_defaults(func=cmd_ps)
+
+    p = sub.add_parser("show", help="show information for a model")
+    p.add_argument("model")
+    for flag in ("modelfile", "template", "parameters", "system", "license"):
+        p.add_argument(f"--{flag}", action="store_true", help=f"show the model's {flag}")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("create", help="create a model from a Modelfile")
+    p.add_argument("model")
+    p.add_argument("-f", "--file", help="the Modelfile (default: ./Modelfile)")
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("rm", help="remove models")
+    p.add_argument("models", nargs="+")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("cp", help="copy a model")
+    p.add_argument("source")
+    p.add_argument("destination")
+    p.set_defaults(func=cmd_cp)
+
+    p = sub.add_parser("stop", help="stop (unload) a running model")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("generate", help="complete a raw prompt (no chat template)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--prompt", required=True)
+    p.add_argument("--verbose", action="store_true")
     _add_sampling_flags(p)
-    _add_engine_flags(p)
+    _add_engine_flags(p, ": used if this command starts the server")
     p.set_defaults(func=cmd_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from finback.cli.client import CLIError
+
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
         return ns.func(ns)
-    except (ValueError, OSError) as exc:  # bad model, bad flag values: one line, no traceback
-        print(f"error: {exc}", file=sys.stderr)
+    except CLIError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except (ValueError, OSError) as exc:  # bad values, files: one line, no traceback
+        print(f"Error: {exc}", file=sys.stderr)
         return 1
 
 
