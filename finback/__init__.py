@@ -2,13 +2,15 @@
 
 __version__ = "0.1.0"
 
-from finback.engine.sampling import SamplingParams  # noqa: E402
-
 
 def __getattr__(name):
+    # lazy: `import finback` stays cheap (the CLI's client commands never load torch)
     if name == "LLM":
         from finback.engine.llm import LLM
         return LLM
+    if name == "SamplingParams":
+        from finback.engine.sampling import SamplingParams
+        return SamplingParams
     raise AttributeError(name)
 
 

@@ -86,7 +86,10 @@ class ModelManager:
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             model = self.loaded.get(key)
-            if model is None or not model.engine.is_running:
+            if model is not None and not model.engine.is_running:  # a dead engine: replace it
+                self.unload(key)
+                model = None
+            if model is None:
                 model = await asyncio.to_thread(self._load, key)
                 self.loaded[key] = model
         self.touch(model, keep_alive)

@@ -167,9 +167,47 @@ class _Split:
         return (r if self.think else ""), c
 
 
+async def prime(agen, bad_request):
+    """Run a generator to its first item now, so an invalid request (ValueError from the engine:
+    token ids out of range, ...) becomes a 400 before any response has started; a dead engine
+    becomes a 503. Returns a generator that yields that first item, then the rest."""
+    from finback.engine.async_engine import EngineDeadError
+
+    try:
+        first = await agen.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except EngineDeadError as exc:
+        raise bad_request(503, str(exc)) from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise bad_request(400, str(exc)) from None
+
+    async def rest():
+        if first is None:
+            return
+        yield first
+        async for item in agen:
+            yield item
+    return rest()
+
+
 def build_router(manager: ModelManager) -> APIRouter:
     router = APIRouter()
     store = manager.store
+
+    def _unload_only(data: dict, empty: bool) -> str | None:
+        """keep_alive 0 with nothing to generate: unload without loading first (`ollama stop`)."""
+        if not empty or _keep_alive(data) != 0:
+            return None
+        name = _model_field(data)
+        try:
+            key = manager.canonical(name)
+        except (ModelNotFound, InvalidModelName):
+            raise APIError(404, f"model '{name}' not found")
+        if key not in manager.loaded and not store.exists(name) and not os.path.exists(name):
+            raise APIError(404, f"model '{name}' not found")
+        manager.unload(key)
+        return key
 
     async def _load(data: dict) -> LoadedModel:
         name = _model_field(data)
@@ -194,6 +232,9 @@ def build_router(manager: ModelManager) -> APIRouter:
                     yield {"thinking": r, "content": c, "done": False}
                 if await request.is_disconnected():
                     return  # closing the generator aborts the request
+            metrics = getattr(request.app.state, "metrics", None)
+            if metrics is not None:
+                metrics.record_generation(request, model.name, last)
             final = {"done": True, "done_reason": _done_reason(last), **_stats(last, model)}
             if extra_final:
                 final.update(extra_final(last) if callable(extra_final) else extra_final)
@@ -257,6 +298,7 @@ def build_router(manager: ModelManager) -> APIRouter:
         raise APIError(400, f'invalid format {fmt!r}: use "json"')
 
     @router.get("/api/version")
+    @router.head("/api/version")
     async def version():
         return {"version": OLLAMA_VERSION}
 
@@ -266,6 +308,10 @@ def build_router(manager: ModelManager) -> APIRouter:
         json_mode = _json_mode(data)
         messages = _check_messages(data.get("messages") or [])
         think = _think(data)
+        key = _unload_only(data, not messages)
+        if key is not None:
+            return JSONResponse({"model": key, "created_at": now_iso(), "message": {"role": "assistant", "content": ""},
+                                 "done": True, "done_reason": "unload"})
         model = await _load(data)
         ka = _keep_alive(data)
         if not messages:  # load (or unload) only
@@ -285,7 +331,7 @@ def build_router(manager: ModelManager) -> APIRouter:
             opened = False
         ids = _encode(model, prompt, add_bos)
         try:
-            pieces = _generate_stream(model, ids, params, think, opened, ka, request)
+            pieces = await prime(_generate_stream(model, ids, params, think, opened, ka, request), APIError)
             return await _respond(data.get("stream", True) is not False, pieces, _shape_chat, model)
         finally:
             if ka == 0:
@@ -301,6 +347,10 @@ def build_router(manager: ModelManager) -> APIRouter:
         if not isinstance(prompt, str):
             raise APIError(400, "prompt must be a string")
         think = _think(data)
+        key = _unload_only(data, not prompt and not data.get("context"))
+        if key is not None:
+            return JSONResponse({"model": key, "created_at": now_iso(), "response": "", "done": True,
+                                 "done_reason": "unload"})
         model = await _load(data)
         ka = _keep_alive(data)
         if not prompt and not data.get("context"):
@@ -312,6 +362,8 @@ def build_router(manager: ModelManager) -> APIRouter:
         if data.get("raw"):
             text, add_bos = prompt, False
         elif data.get("template"):
+            if not isinstance(data["template"], str):
+                raise APIError(400, "template must be a string")
             from finback.prompt.gotemplate import GoTemplate, GoTemplateError, render_ollama
             try:
                 text = render_ollama(GoTemplate(data["template"]), system=data.get("system") or model.system or None,
@@ -337,7 +389,8 @@ def build_router(manager: ModelManager) -> APIRouter:
         try:
             def final(out):
                 return {"context": ids + list(out.outputs[0].token_ids)}
-            pieces = _generate_stream(model, ids, params, think, opened, ka, request, extra_final=final)
+            pieces = await prime(_generate_stream(model, ids, params, think, opened, ka, request,
+                                                  extra_final=final), APIError)
             return await _respond(data.get("stream", True) is not False, pieces, _shape_generate, model)
         finally:
             if ka == 0:

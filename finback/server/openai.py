@@ -90,7 +90,7 @@ def _params(data: dict, chat: bool) -> SamplingParams:
             presence_penalty=_num(data, "presence_penalty", 0.0, float, -2, 2),
             frequency_penalty=_num(data, "frequency_penalty", 0.0, float, -2, 2),
             repetition_penalty=_num(data, "repetition_penalty", 1.0, float, 0.01, 10),
-            seed=_num(data, "seed", None, int),
+            seed=_num(data, "seed", None, int, -(1 << 63), (1 << 63) - 1),
             stop=[s for s in stop or [] if s] or None,
             max_tokens=max_tokens,
             logprobs=logprobs,
@@ -100,6 +100,15 @@ def _params(data: dict, chat: bool) -> SamplingParams:
         )
     except ValueError as exc:
         raise OpenAIError(400, str(exc)) from None
+
+
+def _include_usage(data: dict) -> bool:
+    opts = data.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise OpenAIError(400, "'stream_options' must be an object", param="stream_options")
+    return bool(opts.get("include_usage"))
 
 
 def _content_text(content: Any, i: int) -> str:
@@ -146,16 +155,29 @@ def build_router(manager: ModelManager) -> APIRouter:
                         "owned_by": "library"}
         raise OpenAIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
 
-    async def _run(model: LoadedModel, ids: list[int], params: SamplingParams, request: Request):
+    async def _gen(model: LoadedModel, ids: list[int], params: SamplingParams, request: Request):
         model.active += 1
+        last = None
         try:
             async for out in model.engine.generate(ids, params):
+                last = out
                 yield out
                 if await request.is_disconnected():
                     return
+            metrics = getattr(request.app.state, "metrics", None)
+            if metrics is not None and last is not None:
+                metrics.record_generation(request, model.name, last)
         finally:
             model.active -= 1
             manager.touch(model, None)
+
+    def _oai_error(status, message):
+        return OpenAIError(status, message, "invalid_request_error" if status < 500 else "server_error")
+
+    async def _run(model: LoadedModel, ids: list[int], params: SamplingParams, request: Request):
+        from finback.server.ollama import prime
+
+        return await prime(_gen(model, ids, params, request), _oai_error)
 
     @router.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -183,7 +205,7 @@ def build_router(manager: ModelManager) -> APIRouter:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         stream = bool(data.get("stream", False))
-        include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+        include_usage = _include_usage(data)
         splitters = [None if raw else ReasoningSplitter(start_in_reasoning=opened) for _ in range(params.n)]
         reasoning_tokens = [0] * params.n
 
@@ -224,11 +246,13 @@ def build_router(manager: ModelManager) -> APIRouter:
             return {"content": content}
 
         if stream:
+            outs = await _run(model, ids, params, request)
+
             async def events():
                 try:
                     first = True
                     last = None
-                    async for out in _run(model, ids, params, request):
+                    async for out in outs:
                         last = out
                         chunks = []
                         for o in out.outputs:
@@ -263,7 +287,7 @@ def build_router(manager: ModelManager) -> APIRouter:
             return StreamingResponse(events(), media_type="text/event-stream")
 
         last = None
-        async for out in _run(model, ids, params, request):
+        async for out in await _run(model, ids, params, request):
             last = out
             for o in out.outputs:
                 track_reasoning(o)
@@ -304,10 +328,13 @@ def build_router(manager: ModelManager) -> APIRouter:
         rid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if data.get("stream"):
+            include_usage = _include_usage(data)
+            outs = await _run(model, ids, params, request)
+
             async def events():
                 try:
                     last = None
-                    async for out in _run(model, ids, params, request):
+                    async for out in outs:
                         last = out
                         choices = [{"index": o.index, "text": o.new_text, "logprobs": None,
                                     "finish_reason": o.finish_reason} for o in out.outputs
@@ -315,7 +342,7 @@ def build_router(manager: ModelManager) -> APIRouter:
                         if choices:
                             yield "data: " + json.dumps({"id": rid, "object": "text_completion", "created": created,
                                                          "model": model.name, "choices": choices}) + "\n\n"
-                    if (data.get("stream_options") or {}).get("include_usage") and last is not None:
+                    if include_usage and last is not None:
                         n = sum(len(o.token_ids) for o in last.outputs)
                         yield "data: " + json.dumps({"id": rid, "object": "text_completion", "created": created,
                                                      "model": model.name, "choices": [],
@@ -326,7 +353,7 @@ def build_router(manager: ModelManager) -> APIRouter:
                 yield "data: [DONE]\n\n"
             return StreamingResponse(events(), media_type="text/event-stream")
         last = None
-        async for out in _run(model, ids, params, request):
+        async for out in await _run(model, ids, params, request):
             last = out
         n = sum(len(o.token_ids) for o in last.outputs)
         return {"id": rid, "object": "text_completion", "created": created, "model": model.name,

@@ -66,6 +66,8 @@ def sampling_params(options: dict[str, Any] | None, model_params: dict[str, Any]
         seed = _num("seed", seed, int)
         if seed < 0:  # Ollama: -1 = random
             seed = None
+        elif seed >= 1 << 63:
+            raise OptionError("option seed must be below 2**63")
     top_k = _num("top_k", merged["top_k"], int)
     mtt = merged.get("max_thinking_tokens")
     try:

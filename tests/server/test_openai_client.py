@@ -44,6 +44,8 @@ def test_chat_non_streamed_and_streamed_agree(client):
 def test_n_and_seed(client):
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a word."}], temperature=1.0,
               max_tokens=8, seed=7, n=2)
+    client.chat.completions.create(**kw)  # the prompt is in the prefix cache from here on
+    # bf16 numerics of a prefill differ with and without cached blocks: compare like with like
     a = client.chat.completions.create(**kw)
     b = client.chat.completions.create(**kw)
     assert len(a.choices) == 2
