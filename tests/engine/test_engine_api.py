@@ -400,7 +400,7 @@ def test_bad_engine_arguments(tiny_dir, tiny, tiny_baseline, tmp_path):
         LLM(tiny_dir, skip_tokenizer_init=True, num_kv_blocks=2, max_model_len=1000)
     with pytest.raises(UnknownModel):
         LLM("deepseek-r1:9999b")
-    with pytest.raises(UnknownModel):
+    with pytest.raises(ModelLoadError, match="no such file"):  # a path, not a name: the file's error
         LLM(str(tmp_path / "missing" / "model.gguf"))
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"this is not a model at all")
