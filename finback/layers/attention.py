@@ -138,14 +138,24 @@ class TorchAttentionBackend(AttentionBackend):
             out[s:s + n] = o.transpose(0, 1)
         tok = meta.cache["decode_tok"]
         if tok is not None:
-            slots = meta.cache["decode_slots"]
-            qd = q[tok].unsqueeze(2)                                  # [B, H, 1, D]
-            kd = flat_k[slots].permute(0, 2, 1, 3).to(q.dtype)        # [B, Hk, L, D]
-            vd = flat_v[slots].permute(0, 2, 1, 3).to(q.dtype)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.cache["decode_mask"],
-                                               scale=layer.scale, enable_gqa=gqa)
-            out[tok] = o.squeeze(2)
+            out[tok] = self._decode(layer, q[tok], flat_k, flat_v, meta.cache["decode_slots"],
+                                    meta.cache["decode_mask"])
         return out
+
+
+    @staticmethod
+    def _decode(layer, q, flat_k, flat_v, slots, mask):
+        """One query per sequence: plain batched matmuls (CPU flash attention is slow for q_len 1).
+        q [B, H, D]; slots [B, L]; mask [B, 1, 1, L] -> [B, H, D]."""
+        b, h, d = q.shape
+        hk = layer.num_kv_heads
+        qg = q.view(b, hk, h // hk, d)                               # [B, Hk, G, D]
+        k = flat_k[slots].to(q.dtype)                                # [B, L, Hk, D]
+        v = flat_v[slots].to(q.dtype)
+        scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float()     # [B, Hk, G, L]
+        scores.mul_(layer.scale).masked_fill_(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        return torch.matmul(probs, v.permute(0, 2, 1, 3)).view(b, h, d)
 
 
 class Attention(nn.Module):
