@@ -16,7 +16,8 @@ import urllib.error
 import urllib.request
 from typing import Any, Iterator
 
-DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 11434
+from finback.server.hosts import DEFAULT_HOST, DEFAULT_PORT, env  # noqa: F401
+from finback.server.hosts import parse_host as _parse_host
 START_TIMEOUT_S = float(os.environ.get("FINBACK_START_TIMEOUT", "90"))
 
 
@@ -31,34 +32,14 @@ class APIStatusError(CLIError):
 
 
 def host_setting() -> str | None:
-    return os.environ.get("FINBACK_HOST") or os.environ.get("OLLAMA_HOST") or None
+    return env("HOST")
 
 
 def parse_host(value: str | None) -> tuple[str, str, int]:
-    """(scheme, host, port) from Ollama's OLLAMA_HOST forms: host, host:port, :port,
-    http://host:port, [::1]:port."""
-    scheme = "http"
-    if not value:
-        return scheme, DEFAULT_HOST, DEFAULT_PORT
-    v = value.strip()
-    for s in ("http://", "https://"):
-        if v.startswith(s):
-            scheme, v = s[:-3], v[len(s):]
-    v = v.split("/", 1)[0]
-    if v.startswith("["):
-        host, _, rest = v[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif v.count(":") == 1:
-        host, port = v.split(":")
-    else:
-        host, port = v, ""
     try:
-        port_n = int(port) if port else DEFAULT_PORT
-    except ValueError:
-        raise CLIError(f"invalid port in host {value!r}") from None
-    if not 0 < port_n < 65536:
-        raise CLIError(f"invalid port in host {value!r}")
-    return scheme, host or DEFAULT_HOST, port_n
+        return _parse_host(value)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def base_url() -> str:

@@ -18,7 +18,8 @@ from finback.store.store import Store
 
 log = logging.getLogger("finback.server")
 
-DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 11434
+from finback.server import hosts
+from finback.server.hosts import DEFAULT_HOST, DEFAULT_PORT, env  # noqa: F401
 # Ollama's default allow-list: local origins and app schemes
 DEFAULT_ORIGINS = ["http://localhost", "https://localhost", "http://localhost:*", "https://localhost:*",
                    "http://127.0.0.1", "https://127.0.0.1", "http://127.0.0.1:*", "https://127.0.0.1:*",
@@ -26,34 +27,10 @@ DEFAULT_ORIGINS = ["http://localhost", "https://localhost", "http://localhost:*"
                    "app://*", "file://*", "tauri://*", "vscode-webview://*"]
 
 
-def env(name: str, default: str | None = None) -> str | None:
-    """FINBACK_X, else Ollama's OLLAMA_X, so existing setups carry over."""
-    return os.environ.get(f"FINBACK_{name}") or os.environ.get(f"OLLAMA_{name}") or default
-
-
 def parse_host(value: str | None) -> tuple[str, int]:
-    """Ollama's OLLAMA_HOST forms: host, host:port, :port, http://host:port, [::1]:port."""
-    if not value:
-        return DEFAULT_HOST, DEFAULT_PORT
-    v = value.strip()
-    for scheme in ("http://", "https://"):
-        if v.startswith(scheme):
-            v = v[len(scheme):]
-    v = v.rstrip("/")
-    if v.startswith("["):
-        host, _, rest = v[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif v.count(":") == 1:
-        host, port = v.split(":")
-    else:
-        host, port = v, ""
-    try:
-        port_n = int(port) if port else DEFAULT_PORT
-    except ValueError:
-        raise ValueError(f"invalid port in host {value!r}") from None
-    if not 0 < port_n < 65536:
-        raise ValueError(f"invalid port in host {value!r}")
-    return host or DEFAULT_HOST, port_n
+    """(host, port) to listen on, from FINBACK_HOST / OLLAMA_HOST."""
+    _, host, port = hosts.parse_host(value)
+    return host, port
 
 
 def _origin_regex(origins: list[str]) -> str:
