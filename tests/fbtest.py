@@ -3,7 +3,6 @@ comparison against transformers (fp32 on CPU) with the top-2 tie rule."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -209,3 +208,58 @@ def assert_greedy_matches(ours: list[int], ref: Reference, label: str = "") -> i
                                   f"puts ours {margin:.3g} below its choice: not a tie")
             return i
     return len(ours)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class live_server:
+    """`finback serve` as a subprocess on a free loopback port with its own store folder; a context
+    manager giving (url, log_path). `env` adds environment variables (None values are removed)."""
+
+    def __init__(self, store, env: dict | None = None, args: tuple = ("--kv-cache-space-gb", "0.3")):
+        self.store, self.extra, self.args = store, env or {}, args
+
+    def __enter__(self):
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        port = free_port()
+        env = dict(os.environ, FINBACK_MODELS=str(self.store), FINBACK_HOST=f"127.0.0.1:{port}")
+        for k, v in self.extra.items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+        self.log_path = os.path.join(str(self.store), "server.log")
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "finback.cli.main", "serve", *self.args],
+                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}"
+        self.port = port
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(self.url + "/", timeout=1) as r:
+                    if r.read() == b"Ollama is running":
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        self.proc.kill()
+        raise RuntimeError("server did not start: " + open(self.log_path).read())
+
+    def __exit__(self, *exc):
+        import subprocess
+
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()

@@ -7,13 +7,11 @@ import json
 import os
 import random
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import httpx
 import pytest
+from pathlib import Path
 from fastapi.testclient import TestClient
 
 from finback.server.app import create_app
@@ -25,45 +23,17 @@ LABEL = f'{{model="{MODEL}"}}'
 MAX_CONCURRENT = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, smollm2_path):
-    store = tmp_path_factory.mktemp("models")
-    port = _free_port()
-    env = dict(os.environ, FINBACK_MODELS=str(store), FINBACK_HOST=f"127.0.0.1:{port}",
-               FINBACK_MAX_CONCURRENT_REQUESTS=str(MAX_CONCURRENT))
-    env.pop("FINBACK_API_KEY", None)
-    log_path = store / "server.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "finback.cli.main", "serve", "--kv-cache-space-gb", "0.3"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            with urllib.request.urlopen(url + "/", timeout=1) as r:
-                if r.read() == b"Ollama is running":
-                    break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        raise RuntimeError("server did not start: " + log_path.read_text())
-    with httpx.Client(base_url=url, timeout=60) as c:
-        r = c.post("/api/generate", json={"model": MODEL, "prompt": "Hi", "stream": False,
-                                          "options": {"num_predict": 2, "temperature": 0}})
-        assert r.status_code == 200, r.text  # installs and loads the model
-        yield c, port, log_path
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    from fbtest import live_server
+
+    with live_server(tmp_path_factory.mktemp("models"), {"FINBACK_MAX_CONCURRENT_REQUESTS": str(MAX_CONCURRENT),
+                                                       "FINBACK_API_KEY": None}) as srv:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            r = c.post("/api/generate", json={"model": MODEL, "prompt": "Hi", "stream": False,
+                                              "options": {"num_predict": 2, "temperature": 0}})
+            assert r.status_code == 200, r.text  # installs and loads the model
+            yield c, srv.port, Path(srv.log_path)
 
 
 def scrape(c) -> dict[str, float]:

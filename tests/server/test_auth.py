@@ -2,14 +2,10 @@
 keys from the environment, and a live server (official clients with the key, nothing of the key
 in its log)."""
 
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
+from pathlib import Path
 from fastapi.testclient import TestClient
 
 from finback.server.app import create_app
@@ -98,40 +94,12 @@ def test_keys_from_environment(tmp_path, monkeypatch):
 
 # -- a live server with a key ---------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory, smollm2_path):
-    store = tmp_path_factory.mktemp("models")
-    port = _free_port()
-    env = dict(os.environ, FINBACK_MODELS=str(store), FINBACK_HOST=f"127.0.0.1:{port}",
-               FINBACK_API_KEY=",".join(KEYS))
-    log_path = store / "server.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "finback.cli.main", "serve", "--kv-cache-space-gb", "0.3"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            with urllib.request.urlopen(url + "/", timeout=1) as r:
-                if r.read() == b"Ollama is running":
-                    break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        raise RuntimeError("server did not start: " + log_path.read_text())
-    yield url, log_path
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    from fbtest import live_server
+
+    with live_server(tmp_path_factory.mktemp("models"), {"FINBACK_API_KEY": ",".join(KEYS)}) as srv:
+        yield srv.url, Path(srv.log_path)
 
 
 def test_live_server_with_official_clients_and_no_key_in_the_log(keyed_server):
