@@ -14,8 +14,7 @@ import torch
 
 from finback.engine.arg_utils import EngineArgs
 from finback.engine.block_manager import BlockManager, NoFreeBlocks
-from finback.engine.request import (CompletionOutput, Request, RequestOutput, Sequence,
-                                    SequenceStatus)
+from finback.engine.request import (CompletionOutput, Request, RequestOutput, Sequence)
 from finback.engine.sampling import SamplingParams
 from finback.engine.scheduler import Scheduler, SchedulerConfig
 from finback.loader.checkpoint import open_checkpoint

@@ -8,7 +8,7 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from finback.engine.sampling import SamplingParams
 from finback.prompt.reasoning import ReasoningSplitter, prompt_opens_reasoning

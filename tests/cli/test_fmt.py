@@ -2,7 +2,6 @@
 without a server."""
 
 import datetime as dt
-import io
 
 from finback.cli import fmt
 from finback.cli.run import Session, parse_option
