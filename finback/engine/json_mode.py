@@ -5,8 +5,8 @@
 that are prefixes of a valid JSON text (RFC 8259) and tells when a complete value has been read.
 At each step the runner tries the most likely candidate tokens in order and masks those whose
 bytes would leave the JSON grammar; once the value is complete only end-of-sequence tokens remain.
-Candidates are the top `CANDIDATES` tokens by logit (a token outside them is never needed in
-practice: some whitespace or structural token is always among them).
+Candidates are the top `CANDIDATES` tokens by logit; when none of them fits (a schema may demand
+one exact key), the whole vocabulary is searched.
 """
 
 from __future__ import annotations
@@ -192,3 +192,149 @@ def allowed_tokens(state: JSONPrefix, candidates: list[int], token_bytes: list[b
         if data and state.copy().feed(data):
             out.append(t)
     return out
+
+
+# --------------------------------------------------------------------------- JSON schemas
+class SchemaError(ValueError):
+    pass
+
+
+_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
+_FIRST = {ord("{"): "object", ord("["): "array", ord('"'): "string", ord("t"): "boolean", ord("f"): "boolean",
+          ord("n"): "null"}
+
+
+def check_schema(schema, path: str = "$") -> dict:
+    """The subset of JSON Schema we constrain to: `type` (one of the seven), `properties` +
+    `required` (objects take only their declared properties, each once; required ones before
+    the object closes), `items`, `enum` (of strings, numbers, booleans, null). Anything else that
+    would change which texts are valid (anyOf, patterns, ...) is refused with SchemaError."""
+    if not isinstance(schema, dict):
+        raise SchemaError(f"{path}: a schema must be an object")
+    for key in ("anyOf", "oneOf", "allOf", "not", "$ref", "pattern", "patternProperties", "if", "const"):
+        if key in schema:
+            raise SchemaError(f"{path}: '{key}' is not supported in JSON schemas yet")
+    t = schema.get("type")
+    if "enum" in schema:
+        enum = schema["enum"]
+        if not isinstance(enum, list) or not enum or any(isinstance(v, (dict, list)) for v in enum):
+            raise SchemaError(f"{path}: enum must be a non-empty list of strings, numbers, booleans or null")
+    elif t not in _TYPES:
+        raise SchemaError(f"{path}: type must be one of {sorted(_TYPES)}, got {t!r}")
+    if t == "object":
+        props = schema.get("properties", {})
+        if not isinstance(props, dict) or not props:
+            raise SchemaError(f"{path}: an object schema needs properties")
+        for k, v in props.items():
+            check_schema(v, f"{path}.{k}")
+        req = schema.get("required", [])
+        if not isinstance(req, list) or any(r not in props for r in req):
+            raise SchemaError(f"{path}: required must list declared properties")
+    if t == "array":
+        if "items" not in schema:
+            raise SchemaError(f"{path}: an array schema needs items")
+        check_schema(schema["items"], f"{path}[]")
+    return schema
+
+
+class SchemaPrefix(JSONPrefix):
+    """JSONPrefix that also keeps the text inside a schema (see check_schema)."""
+
+    __slots__ = ("frames", "buf", "pending")
+
+    def __init__(self, schema: dict):
+        super().__init__()
+        # one frame per open container: [schema, seen keys, current key]; plus the root's schema
+        self.frames: list[list] = []
+        self.pending = schema   # the schema of the next value to start
+        self.buf = b""           # bytes of the current key or enum-constrained scalar
+
+    def copy(self) -> "SchemaPrefix":
+        c = SchemaPrefix.__new__(SchemaPrefix)
+        c.stack = list(self.stack)
+        c.expect, c.lit, c.num, c.esc, c.done, c.key = self.expect, self.lit, self.num, self.esc, self.done, self.key
+        c.frames = [[f[0], set(f[1]), f[2]] for f in self.frames]
+        c.pending, c.buf = self.pending, self.buf
+        return c
+
+    def _byte(self, b: int) -> bool:  # noqa: C901
+        before = self.expect
+        in_key = before == "string" and self.key
+        scalar = self.pending if before in ("string", "number", "literal") and not in_key else None
+        starting = before in ("value", "value_or_end") and b not in _WS and not (before == "value_or_end" and b == ord("]"))
+        if starting:
+            s = self.pending
+            kind = "number" if (b == ord("-") or b in _DIGITS) else _FIRST.get(b)
+            want = s.get("type")
+            if "enum" in s:
+                if kind in ("object", "array"):
+                    return False
+            elif kind != want and not (kind == "number" and want == "integer"):
+                return False
+        if not super()._byte(b):
+            return False
+        after = self.expect
+        # a scalar with an enum, or an integer: check the bytes so far
+        if scalar is not None or (starting and after in ("string", "number", "literal")):
+            s = scalar if scalar is not None else self.pending
+            if starting or before in ("string", "number", "literal"):
+                if "enum" in s:
+                    self.buf = (self.buf if not starting else b"") + bytes([b])
+                    encs = [_enc(v) for v in s["enum"]]
+                    ended = after not in ("string", "number", "literal")
+                    text = self.buf if not (ended and before == "number") else self.buf[:-1]
+                    if ended:
+                        if text not in encs:
+                            return False
+                        self.buf = b""
+                    elif not any(e.startswith(text) for e in encs):
+                        return False
+                if s.get("type") == "integer" and after == "number" and self.num in ("frac0", "frac", "exp0", "expsign", "exp"):
+                    return False
+        if starting and after in ("key_or_end", "value_or_end"):  # a container opened
+            self.frames.append([self.pending, set(), None])
+        # keys
+        if before == "key_or_end" and after == "string" or before == "key" and after == "string":
+            self.buf = b""
+            return self._key_prefix_ok()
+        if in_key:
+            if after == "colon":  # the key closed
+                frame = self.frames[-1]
+                key = self.buf.decode("utf-8", "replace")
+                props = frame[0]["properties"]
+                if key not in props or key in frame[1]:
+                    return False
+                frame[1].add(key)
+                frame[2] = key
+                self.buf = b""
+            else:
+                self.buf += bytes([b])
+                return self._key_prefix_ok()
+        if after == "value" and before == "colon":
+            frame = self.frames[-1]
+            self.pending = frame[0]["properties"][frame[2]]
+        if after == "value" and before == "comma_or_end" and self.stack and self.stack[-1] == "[":
+            self.pending = self.frames[-1][0]["items"]
+        if after == "value_or_end":  # an array opened: its first element
+            self.pending = self.frames[-1][0]["items"]
+        # closing a container
+        if b in (ord("}"), ord("]")) and before in ("key_or_end", "value_or_end", "comma_or_end"):
+            frame = self.frames.pop()
+            if b == ord("}") and set(frame[0].get("required", [])) - frame[1]:
+                return False
+        if b == ord(",") and before == "comma_or_end" and self.stack[-1] == "{":
+            frame = self.frames[-1]
+            if not set(frame[0]["properties"]) - frame[1]:
+                return False  # no property left to add
+        return True
+
+    def _key_prefix_ok(self) -> bool:
+        frame = self.frames[-1]
+        left = [k for k in frame[0]["properties"] if k not in frame[1]]
+        return any(_enc(k)[1:].startswith(self.buf) for k in left)
+
+
+def _enc(v) -> bytes:
+    import json
+
+    return json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode()

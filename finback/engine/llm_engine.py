@@ -137,14 +137,17 @@ class LLMEngine:
             if params.seed is not None:
                 gen = torch.Generator(self.device).manual_seed(params.seed + i)
             seq = Sequence(req, i, p, gen)
-            if p.json_mode:
+            if p.json_mode or p.json_schema is not None:
                 if self.tokenizer is None or not self.tokenizer.byte_level:
                     raise ValueError("JSON mode needs the model's byte-level tokenizer")
-                from finback.engine.json_mode import JSONPrefix
+                from finback.engine.json_mode import JSONPrefix, SchemaPrefix, check_schema
 
                 if not self.runner.token_bytes:
                     self.runner.token_bytes = self.tokenizer.token_bytes_table(False)
-                seq.json_state = JSONPrefix()
+                if p.json_schema is not None:
+                    seq.json_state = SchemaPrefix(check_schema(p.json_schema))
+                else:
+                    seq.json_state = JSONPrefix()
             if self.think_ids is not None:  # generation starts inside a block the template opened
                 o, c = self.think_ids
                 last_open = max((k for k, t in enumerate(prompt_token_ids) if t == o), default=-1)

@@ -76,6 +76,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     max_thinking_tokens: int | None = None
     json_mode: bool = False  # constrain the output to one JSON value (see finback/engine/json_mode.py)
+    json_schema: dict | None = None  # ... that also follows this schema (a subset: json_mode.check_schema)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str):

@@ -114,6 +114,8 @@ class ModelRunner:
         k = min(CANDIDATES, logits.shape[1])
         top = torch.topk(logits[row], k).indices.tolist()
         allowed = allowed_tokens(seq.json_state, top, self.token_bytes, eos_token_ids)
+        if not allowed and not seq.json_state.complete:  # rare: look through the whole vocabulary
+            allowed = allowed_tokens(seq.json_state, range(logits.shape[1]), self.token_bytes, eos_token_ids)
         keep = torch.full_like(logits[row], float("-inf"))
         idx = torch.tensor(allowed or sorted(eos_token_ids), dtype=torch.long, device=logits.device)
         keep[idx] = logits[row, idx]

@@ -284,18 +284,24 @@ def build_router(manager: ModelManager) -> APIRouter:
             params = sampling_params(data.get("options"), model.params, model.context_length)
         except OptionError as exc:
             raise APIError(400, str(exc)) from None
-        params.json_mode = json_mode
+        params.json_mode = json_mode is True
+        params.json_schema = json_mode if isinstance(json_mode, dict) else None
         return params
 
-    def _json_mode(data: dict) -> bool:
+    def _json_mode(data: dict):
+        """False, True ("json") or a checked JSON schema."""
         fmt = data.get("format")
         if fmt in (None, ""):
             return False
         if fmt == "json":
             return True
         if isinstance(fmt, dict):
-            raise APIError(400, 'JSON schema formats are not supported yet by finback: use "format": "json"')
-        raise APIError(400, f'invalid format {fmt!r}: use "json"')
+            from finback.engine.json_mode import SchemaError, check_schema
+            try:
+                return check_schema(fmt)
+            except SchemaError as exc:
+                raise APIError(400, f"format: {exc}") from None
+        raise APIError(400, f'invalid format {fmt!r}: use "json" or a JSON schema')
 
     @router.get("/api/version")
     @router.head("/api/version")

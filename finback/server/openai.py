@@ -72,13 +72,22 @@ def _params(data: dict, chat: bool) -> SamplingParams:
     elif data.get("logprobs") is not None:
         logprobs = _num(data, "logprobs", 0, int, 0, 5)
     rf = data.get("response_format")
-    json_mode = False
+    json_mode, json_schema = False, None
     if rf is not None:
         kind = rf.get("type") if isinstance(rf, dict) else None
         if kind == "json_object":
             json_mode = True
+        elif kind == "json_schema":
+            from finback.engine.json_mode import SchemaError, check_schema
+            spec = rf.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise OpenAIError(400, "response_format.json_schema.schema must be an object", param="response_format")
+            try:
+                json_schema = check_schema(spec["schema"])
+            except SchemaError as exc:
+                raise OpenAIError(400, f"response_format: {exc}", param="response_format") from None
         elif kind not in ("text",):
-            raise OpenAIError(400, f"response_format {kind!r} is not supported (text, json_object)",
+            raise OpenAIError(400, f"response_format {kind!r} is not supported (text, json_object, json_schema)",
                               param="response_format")
     try:
         return SamplingParams(
@@ -97,6 +106,7 @@ def _params(data: dict, chat: bool) -> SamplingParams:
             ignore_eos=bool(data.get("ignore_eos", False)),
             max_thinking_tokens=_num(data, "max_thinking_tokens", None, int, 0),
             json_mode=json_mode,
+            json_schema=json_schema,
         )
     except ValueError as exc:
         raise OpenAIError(400, str(exc)) from None

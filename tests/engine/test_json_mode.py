@@ -48,3 +48,53 @@ def test_random_strings_agree_with_json_module():
             checked += 1
         assert ok == valid, text
     assert checked > 20
+
+
+from finback.engine.json_mode import SchemaError, SchemaPrefix, check_schema  # noqa: E402
+
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string"}, "age": {"type": "integer"},
+    "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "bb"]}}, "ok": {"type": "boolean"},
+    "kind": {"enum": ["cat", "dog", 3, None]}}, "required": ["name", "age"]}
+FOLLOWS = ['{"name":"x","age":3}', '{ "age" : 10 , "name" : "Tom" , "tags": ["a", "bb"], "ok": true, "kind": "dog"}',
+           '{"name":"x","age":-3,"kind":null}', '{"name":"x","age":3,"kind":3}', '{"name":"x","tags":[],"age":0}']
+BREAKS = ['{"name":"x"}', '{"name":1,"age":3}', '{"name":"x","age":3.5}', '{"name":"x","age":3,"extra":1}',
+          '{"name":"x","name":"y","age":3}', '{"name":"x","age":3,"tags":["c"]}', '{"name":"x","age":3,"kind":"cow"}',
+          '[1]', '{"name":"x","age":3,"ok":"yes"}', '{"name":"x","age":3,"kind":4}', '{"nam":"x","age":1}']
+
+
+@pytest.mark.parametrize("text", FOLLOWS)
+def test_schema_accepts_every_prefix_of_a_conforming_text(text):
+    data = text.encode()
+    for cut in range(len(data) + 1):
+        assert SchemaPrefix(SCHEMA).feed(data[:cut]), data[:cut]
+    s = SchemaPrefix(SCHEMA)
+    assert s.feed(data) and s.complete
+
+
+@pytest.mark.parametrize("text", BREAKS)
+def test_schema_rejects_texts_that_break_it(text):
+    s = SchemaPrefix(SCHEMA)
+    assert not (s.feed(text.encode()) and s.complete)
+
+
+@pytest.mark.parametrize("bad", [{"anyOf": []}, {"type": "object"}, {"type": "array"}, {"type": "thing"},
+                                 {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}])
+def test_unsupported_schemas_are_refused(bad):
+    with pytest.raises(SchemaError):
+        check_schema(bad)
+
+
+def test_generation_follows_the_schema(smollm2_path):
+    from finback import LLM, SamplingParams
+
+    llm = LLM(smollm2_path, kv_cache_space_gb=0.1)
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                               "color": {"enum": ["black", "white", "orange"]}},
+              "required": ["name", "age", "color"]}
+    out = llm.chat([{"role": "user", "content": "Describe a cat as JSON."}],
+                   SamplingParams(temperature=0, max_tokens=60, json_schema=schema))[0].outputs[0]
+    assert out.finish_reason == "stop"
+    obj = json.loads(out.text)
+    assert set(obj) == {"name", "age", "color"} and isinstance(obj["age"], int) and obj["color"] in schema[
+        "properties"]["color"]["enum"]

@@ -129,6 +129,11 @@ def test_format_json(client):
     short = client.generate(model=MODEL, prompt="A cat as JSON:", format="json", options={"temperature": 0.7,
                             "num_predict": 5, "seed": 3}, stream=False)
     assert JSONPrefix().feed(short.response.encode())
-    with pytest.raises(ollama.ResponseError) as err:
-        client.chat(model=MODEL, messages=[{"role": "user", "content": "x"}], format={"type": "object"})
+    schema = {"type": "object", "properties": {"color": {"type": "string"}, "hex": {"type": "string"}},
+              "required": ["color", "hex"]}
+    r = client.chat(model=MODEL, messages=[{"role": "user", "content": "A color as JSON."}], format=schema,
+                    options={"temperature": 0, "num_predict": 60}, stream=False)
+    assert r.done_reason == "stop" and set(json.loads(r.message.content)) == {"color", "hex"}
+    with pytest.raises(ollama.ResponseError) as err:  # a schema outside the supported subset
+        client.chat(model=MODEL, messages=[{"role": "user", "content": "x"}], format={"anyOf": [{"type": "string"}]})
     assert err.value.status_code == 400

@@ -98,3 +98,14 @@ def test_json_object(client):
                                        response_format={"type": "json_object"}, temperature=0, max_tokens=60)
     assert r.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(r.choices[0].message.content), (dict, list))
+
+
+def test_json_schema(client):
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+              "required": ["city", "population"]}
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "A city as JSON."}], temperature=0, max_tokens=60,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+    assert r.choices[0].finish_reason == "stop"
+    obj = json.loads(r.choices[0].message.content)
+    assert set(obj) == {"city", "population"} and isinstance(obj["population"], int)
