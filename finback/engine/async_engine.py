@@ -94,6 +94,11 @@ class AsyncEngine:
         self._wake.set()
         return await fut
 
+    def abort_all(self) -> None:
+        """End every unfinished request (each stream gets its final output); thread-safe."""
+        self._commands.put(("abort_all",))
+        self._wake.set()
+
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
         self._wake.set()
@@ -134,6 +139,11 @@ class AsyncEngine:
                     loop.call_soon_threadsafe(lambda f=fut, r=result: f.done() or f.set_result(r))
                 except Exception as exc:
                     loop.call_soon_threadsafe(lambda f=fut, e=exc: f.done() or f.set_exception(e))
+            elif cmd[0] == "abort_all":
+                for rid in list(self.engine.requests):
+                    out = self.engine.abort_request(rid)
+                    if out is not None:
+                        self._deliver(rid, out)
             elif cmd[0] == "abort":
                 out = self.engine.abort_request(cmd[1])
                 if out is not None:

@@ -107,6 +107,10 @@ def create_app(store: Store | None = None, engine_kwargs: dict | None = None,
 
 
 def serve(host: str | None = None, port: int | None = None, **kwargs) -> None:
+    import contextlib
+    import signal
+    import threading
+
     import uvicorn
 
     h, p = parse_host(env("HOST"))
@@ -118,4 +122,29 @@ def serve(host: str | None = None, port: int | None = None, **kwargs) -> None:
         log.warning("listening on %s without an API key: anyone who can reach it can use it "
                     "(set FINBACK_API_KEY)", bind)
     log.info("finback listening on %s:%d", host or h, port or p)
-    uvicorn.run(app, host=host or h, port=port or p, log_level="info")
+    manager = app.state.manager
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # like uvicorn's, without re-raising the signal after the shutdown: a SIGTERM that
+            # was handled gracefully ends the process with status 0
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+        def handle_exit(self, sig, frame):
+            # graceful shutdown: uvicorn stops accepting and waits for open connections; we end
+            # every in-flight generation now, so each stream gets its final chunk and closes
+            if not self.should_exit:
+                log.info("shutting down: finishing in-flight requests")
+                manager.abort_all()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=host or h, port=port or p, log_level="info")).run()

@@ -158,6 +158,11 @@ class ModelManager:
             self.reap()
             await asyncio.sleep(0.5)
 
+    def abort_all(self) -> None:
+        """End every in-flight request of every loaded model (thread-safe; used on SIGTERM)."""
+        for model in list(self.loaded.values()):
+            model.engine.abort_all()
+
     def shutdown(self) -> None:
         for key in list(self.loaded):
             self.unload(key)

@@ -37,6 +37,8 @@ from typing import Any
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 GENERATION_PATHS = frozenset({"/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions"})
 RECORDED = "finback.tokens_recorded"
@@ -94,6 +96,8 @@ class Metrics:
         self.latency: dict[tuple[str, str], Histogram] = {}
         self.first_chunk: dict[str, Histogram] = {}
         self.ttft: dict[str, Histogram] = {}
+        self.itl: dict[str, Histogram] = {}
+        self.e2e: dict[str, Histogram] = {}
         self.prompt_tokens: dict[str, int] = defaultdict(int)
         self.generation_tokens: dict[str, int] = defaultdict(int)
         self.started = time.time()
@@ -129,6 +133,14 @@ class Metrics:
             if h is None:
                 h = self.ttft[model] = Histogram(TTFT_BUCKETS)
             h.observe((m.first_token_ns - m.arrival_ns) / 1e9)
+        for table, buckets, value in (
+                (self.itl, ITL_BUCKETS, out.eval_duration / 1e9 / (out.eval_count - 1) if out.eval_count > 1 else None),
+                (self.e2e, E2E_BUCKETS, (m.finished_ns - m.arrival_ns) / 1e9 if m.finished_ns else None)):
+            if value is not None:
+                h = table.get(model)
+                if h is None:
+                    h = table[model] = Histogram(buckets)
+                h.observe(value)
 
     def sniff(self, chunk: bytes) -> None:
         """Count tokens from a generation response chunk (Ollama's final stats, OpenAI's usage)."""
@@ -176,6 +188,14 @@ class Metrics:
              "Engine time from a request's arrival to its first token (handlers that record outputs).")
         for model, h in sorted(self.ttft.items()):
             out += h.lines("finback_time_to_first_token_seconds", _labels(model=model))
+        head("finback_inter_token_latency_seconds", "histogram",
+             "Mean time between output tokens of each finished request (handlers that record outputs).")
+        for model, h in sorted(self.itl.items()):
+            out += h.lines("finback_inter_token_latency_seconds", _labels(model=model))
+        head("finback_e2e_request_latency_seconds", "histogram",
+             "Engine time from a request's arrival to its last token (handlers that record outputs).")
+        for model, h in sorted(self.e2e.items()):
+            out += h.lines("finback_e2e_request_latency_seconds", _labels(model=model))
         head("finback_prompt_tokens_total", "counter", "Prompt tokens of finished generation requests.")
         for model, n in sorted(self.prompt_tokens.items()):
             out.append(f"finback_prompt_tokens_total{{{_labels(model=model)}}} {n}")

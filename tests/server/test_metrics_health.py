@@ -79,6 +79,9 @@ def test_requests_tokens_and_engine_gauges(client):
     assert inc('finback_http_requests_total{method="GET",route="/api/blobs/{digest}",status="405"}') == 1
     assert inc('finback_http_requests_total{method="GET",route="other",status="404"}') == 1
     assert inc('finback_http_request_duration_seconds_count{method="POST",route="/api/generate"}') == 1
+    # the three generation requests: end-to-end and inter-token latency histograms
+    assert inc(f'finback_e2e_request_latency_seconds_count{{model="{MODEL}"}}') == 3
+    assert inc(f'finback_inter_token_latency_seconds_count{{model="{MODEL}"}}') >= 1
     assert inc('finback_http_request_duration_seconds_bucket{method="POST",route="/api/generate",le="+Inf"}') == 1
     assert after['finback_http_request_duration_seconds_sum{method="POST",route="/api/generate"}'] > 0
     assert inc('finback_time_to_first_chunk_seconds_count{route="/api/chat"}') == 1
