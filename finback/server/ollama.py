@@ -110,12 +110,18 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
+def strip_history_reasoning() -> bool:
+    """Assistant turns coming back lose their reasoning before templating (DeepSeek's advice);
+    FINBACK_KEEP_HISTORY_REASONING=1 keeps it."""
+    return os.environ.get("FINBACK_KEEP_HISTORY_REASONING", "") not in ("1", "true", "yes")
+
+
 def _render_chat(model: LoadedModel, messages: list[dict], tools, think: bool | None) -> tuple[str, bool]:
     """The prompt text and whether the tokenizer should add BOS (Go templates don't write it)."""
-    # assistant turns coming back lose their reasoning before templating (DeepSeek's advice)
     history = []
+    strip = strip_history_reasoning()
     for m in messages:
-        if m["role"] == "assistant":
+        if m["role"] == "assistant" and strip:
             m = {k: v for k, v in m.items() if k != "thinking"}
             m["content"] = strip_reasoning(m["content"])
         history.append(m)

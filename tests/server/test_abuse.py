@@ -171,6 +171,7 @@ def test_malformed_bodies_never_500_and_the_server_survives(live):
             elif r.status_code >= 400:
                 err = r.json()["error"]  # every refusal is a JSON error in the route's API's shape
                 assert isinstance(err, dict if path.startswith("/v1") else str), (path, body[:100], r.text[:200])
+    assert sum(statuses.values()) >= 1000  # hostile requests against both APIs
     for body in malformed_bodies(99)[:40]:
         r = c.request("DELETE", "/api/delete", content=body, headers={"content-type": "application/json"})
         if r.status_code >= 500:

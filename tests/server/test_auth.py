@@ -73,6 +73,10 @@ def test_cors_preflight_needs_no_key(client):
         "Access-Control-Request-Headers": "authorization,content-type"})
     assert r.status_code == 200
     assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    # an origin outside the allow-list gets no CORS grant
+    r = client.options("/v1/chat/completions", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
     # a refusal still carries CORS headers, so a browser app can read the 401
     r = client.get("/api/tags", headers={"Origin": "http://localhost:3000"})
     assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
