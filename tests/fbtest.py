@@ -238,6 +238,7 @@ class live_server:
                 env.pop(k, None)
             else:
                 env[k] = v
+        os.makedirs(str(self.store), exist_ok=True)
         self.log_path = os.path.join(str(self.store), "server.log")
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "finback.cli.main", "serve", *self.args],

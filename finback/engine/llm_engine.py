@@ -326,5 +326,5 @@ class LLMEngine:
                 index=seq.index, text=text[:visible], token_ids=out_ids,
                 cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
                 logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                new_text=new_text, new_token_ids=new_ids))
+                new_text=new_text, new_token_ids=new_ids, reasoning_tokens=seq.reasoning_tokens))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, req.metrics)

@@ -48,6 +48,7 @@ class CompletionOutput:
     stop_reason: int | str | None = None
     new_text: str = ""
     new_token_ids: list[int] = field(default_factory=list)
+    reasoning_tokens: int = 0  # tokens inside a <think> block (models whose vocabulary has the tags)
 
     def finished(self) -> bool:
         return self.finish_reason is not None

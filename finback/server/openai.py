@@ -217,7 +217,6 @@ def build_router(manager: ModelManager) -> APIRouter:
         stream = bool(data.get("stream", False))
         include_usage = _include_usage(data)
         splitters = [None if raw else ReasoningSplitter(start_in_reasoning=opened) for _ in range(params.n)]
-        reasoning_tokens = [0] * params.n
 
         def split(i, text, final):
             s = splitters[i]
@@ -234,12 +233,7 @@ def build_router(manager: ModelManager) -> APIRouter:
             return {"prompt_tokens": len(ids), "completion_tokens": completion,
                     "total_tokens": len(ids) + completion,
                     "prompt_tokens_details": {"cached_tokens": out.metrics.num_cached_tokens},
-                    "completion_tokens_details": {"reasoning_tokens": sum(reasoning_tokens)}}
-
-        def track_reasoning(o):
-            s = splitters[o.index]
-            if s is not None and s.state != "content":
-                reasoning_tokens[o.index] += len(o.new_token_ids)
+                    "completion_tokens_details": {"reasoning_tokens": sum(o.reasoning_tokens for o in out.outputs)}}
 
         def logprobs_of(o, new_only):
             if o.logprobs is None:
@@ -266,7 +260,6 @@ def build_router(manager: ModelManager) -> APIRouter:
                         last = out
                         chunks = []
                         for o in out.outputs:
-                            track_reasoning(o)
                             r, c = split(o.index, o.new_text, o.finish_reason is not None)
                             delta = {}
                             if first:
@@ -299,8 +292,6 @@ def build_router(manager: ModelManager) -> APIRouter:
         last = None
         async for out in await _run(model, ids, params, request):
             last = out
-            for o in out.outputs:
-                track_reasoning(o)
         choices = []
         for o in last.outputs:
             s = ReasoningSplitter(start_in_reasoning=opened) if not raw else None
