@@ -8,7 +8,6 @@ import signal
 import time
 
 import httpx
-import pytest
 
 from fbtest import live_server
 
