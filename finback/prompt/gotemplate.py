@@ -1691,44 +1691,37 @@ class _TemplateNode(_Node):
         return "{{template %s %s}}" % (_go_quote(self.name), self.pipe)
 
 
-class _BreakNode(_Node):
+class _KeywordNode(_Node):
+    """A bare keyword action: {{break}}, {{continue}}, {{end}}, {{else}}."""
+
     __slots__ = ()
+    keyword = ""
 
     def __init__(self, pos: int):
         self.pos = pos
 
     def __str__(self) -> str:
-        return "{{break}}"
+        return "{{%s}}" % self.keyword
 
 
-class _ContinueNode(_Node):
+class _BreakNode(_KeywordNode):
     __slots__ = ()
-
-    def __init__(self, pos: int):
-        self.pos = pos
-
-    def __str__(self) -> str:
-        return "{{continue}}"
+    keyword = "break"
 
 
-class _EndNode(_Node):
+class _ContinueNode(_KeywordNode):
     __slots__ = ()
-
-    def __init__(self, pos: int):
-        self.pos = pos
-
-    def __str__(self) -> str:
-        return "{{end}}"
+    keyword = "continue"
 
 
-class _ElseNode(_Node):
+class _EndNode(_KeywordNode):
     __slots__ = ()
+    keyword = "end"
 
-    def __init__(self, pos: int):
-        self.pos = pos
 
-    def __str__(self) -> str:
-        return "{{else}}"
+class _ElseNode(_KeywordNode):
+    __slots__ = ()
+    keyword = "else"
 
 
 def _is_empty_tree(n: _Node | None) -> bool:
