@@ -264,3 +264,23 @@ class live_server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+
+def deadline(seconds: float, what: str):
+    """A context manager that raises TimeoutError in the main thread after `seconds` (SIGALRM)."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def _cm():
+        def on_alarm(signum, frame):
+            raise TimeoutError(f"{what} took more than {seconds} s")
+
+        old = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    return _cm()

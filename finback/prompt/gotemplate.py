@@ -1147,22 +1147,10 @@ def _lex(src: str):
                 yield (T_PIPE, start, "|")
                 start = pos
             elif r == '"':
-                while True:
-                    if pos >= n:
-                        yield (T_ERROR, start, "unterminated quoted string")
-                        return
-                    c = src[pos]
-                    pos += 1
-                    if c == "\\":
-                        if pos >= n or src[pos] == "\n":
-                            yield (T_ERROR, start, "unterminated quoted string")
-                            return
-                        pos += 1
-                    elif c == "\n":
-                        yield (T_ERROR, start, "unterminated quoted string")
-                        return
-                    elif c == '"':
-                        break
+                pos = _scan_quoted(src, pos, '"')
+                if pos < 0:
+                    yield (T_ERROR, start, "unterminated quoted string")
+                    return
                 yield (T_STRING, start, src[start:pos])
                 start = pos
             elif r == "`":
@@ -1187,22 +1175,10 @@ def _lex(src: str):
                 yield (typ, start, src[start:pos])
                 start = pos
             elif r == "'":
-                while True:
-                    if pos >= n:
-                        yield (T_ERROR, start, "unterminated character constant")
-                        return
-                    c = src[pos]
-                    pos += 1
-                    if c == "\\":
-                        if pos >= n or src[pos] == "\n":
-                            yield (T_ERROR, start, "unterminated character constant")
-                            return
-                        pos += 1
-                    elif c == "\n":
-                        yield (T_ERROR, start, "unterminated character constant")
-                        return
-                    elif c == "'":
-                        break
+                pos = _scan_quoted(src, pos, "'")
+                if pos < 0:
+                    yield (T_ERROR, start, "unterminated character constant")
+                    return
                 yield (T_CHAR_CONSTANT, start, src[start:pos])
                 start = pos
             elif r in "+-." or "0" <= r <= "9":
@@ -1722,6 +1698,24 @@ class _EndNode(_KeywordNode):
 class _ElseNode(_KeywordNode):
     __slots__ = ()
     keyword = "else"
+
+
+def _scan_quoted(src: str, pos: int, quote: str) -> int:
+    """Past the closing `quote` of a quoted string or character constant whose body starts at
+    pos (backslash escapes; no newline); -1 if it is unterminated."""
+    n = len(src)
+    while pos < n:
+        c = src[pos]
+        pos += 1
+        if c == "\\":
+            if pos >= n or src[pos] == "\n":
+                return -1
+            pos += 1
+        elif c == "\n":
+            return -1
+        elif c == quote:
+            return pos
+    return -1
 
 
 def _is_empty_tree(n: _Node | None) -> bool:

@@ -6,20 +6,20 @@ and give the same greedy output as the single file."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import random
 import resource
 import shutil
-import signal
 import struct
 import time
 
 import gguf
 import numpy as np
 import pytest
+
+from fbtest import deadline as _deadline
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -39,18 +39,6 @@ INDEX = "model.safetensors.index.json"
 
 # -- helpers ---------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _deadline(seconds: float, what: str):
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"{what} took more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _llm(path):

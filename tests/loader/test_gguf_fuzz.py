@@ -3,14 +3,14 @@ ModelLoadError, and fails fast (no hang, no huge allocation, no other exception 
 
 from __future__ import annotations
 
-import contextlib
 import random
-import signal
 import time
 
 import gguf
 import numpy as np
 import pytest
+
+from fbtest import deadline as _deadline
 import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
@@ -71,18 +71,6 @@ def _int_fields(path) -> list[tuple[int, int, str]]:
     return out
 
 
-@contextlib.contextmanager
-def _deadline(seconds: float, what: str):
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"{what} took more than {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _cases(base: bytes, data_offset: int, info_start: int, fields) -> list[tuple[str, bytes]]:
