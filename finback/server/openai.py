@@ -112,6 +112,24 @@ def _params(data: dict, chat: bool) -> SamplingParams:
         raise OpenAIError(400, str(exc)) from None
 
 
+def _sse(bodies) -> StreamingResponse:
+    """Server-sent events as OpenAI sends them: `data: {json}` blocks, an error block if the
+    stream breaks, then `data: [DONE]`."""
+    async def events():
+        try:
+            async for body in bodies:
+                yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        except Exception as exc:
+            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _completion_usage(ids: list[int], out) -> dict:
+    n = sum(len(o.token_ids) for o in out.outputs)
+    return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+
+
 def _include_usage(data: dict) -> bool:
     opts = data.get("stream_options")
     if opts is None:
@@ -253,41 +271,34 @@ def build_router(manager: ModelManager) -> APIRouter:
             outs = await _run(model, ids, params, request)
 
             async def events():
-                try:
-                    first = True
-                    last = None
-                    async for out in outs:
-                        last = out
-                        chunks = []
-                        for o in out.outputs:
-                            r, c = split(o.index, o.new_text, o.finish_reason is not None)
-                            delta = {}
-                            if first:
-                                delta["role"] = "assistant"
-                            if r:
-                                delta["reasoning_content"] = r
-                            if c:
-                                delta["content"] = c
-                            if delta or o.finish_reason:
-                                ch = {"index": o.index, "delta": delta or {"content": ""},
-                                      "logprobs": logprobs_of(o, True), "finish_reason": o.finish_reason}
-                                chunks.append(ch)
-                        first = False
-                        if chunks:
-                            body = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                                    "model": model.name, "system_fingerprint": "finback", "choices": chunks}
-                            if include_usage:
-                                body["usage"] = None
-                            yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-                    if include_usage and last is not None:
+                first = True
+                last = None
+                async for out in outs:
+                    last = out
+                    chunks = []
+                    for o in out.outputs:
+                        r, c = split(o.index, o.new_text, o.finish_reason is not None)
+                        delta = {}
+                        if first:
+                            delta["role"] = "assistant"
+                        if r:
+                            delta["reasoning_content"] = r
+                        if c:
+                            delta["content"] = c
+                        if delta or o.finish_reason:
+                            chunks.append({"index": o.index, "delta": delta or {"content": ""},
+                                           "logprobs": logprobs_of(o, True), "finish_reason": o.finish_reason})
+                    first = False
+                    if chunks:
                         body = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                                "model": model.name, "system_fingerprint": "finback", "choices": [],
-                                "usage": usage(last)}
-                        yield f"data: {json.dumps(body)}\n\n"
-                except Exception as exc:
-                    yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
+                                "model": model.name, "system_fingerprint": "finback", "choices": chunks}
+                        if include_usage:
+                            body["usage"] = None
+                        yield body
+                if include_usage and last is not None:
+                    yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model.name,
+                           "system_fingerprint": "finback", "choices": [], "usage": usage(last)}
+            return _sse(events())
 
         last = None
         async for out in await _run(model, ids, params, request):
@@ -333,33 +344,25 @@ def build_router(manager: ModelManager) -> APIRouter:
             outs = await _run(model, ids, params, request)
 
             async def events():
-                try:
-                    last = None
-                    async for out in outs:
-                        last = out
-                        choices = [{"index": o.index, "text": o.new_text, "logprobs": None,
-                                    "finish_reason": o.finish_reason} for o in out.outputs
-                                   if o.new_text or o.finish_reason]
-                        if choices:
-                            yield "data: " + json.dumps({"id": rid, "object": "text_completion", "created": created,
-                                                         "model": model.name, "choices": choices}) + "\n\n"
-                    if include_usage and last is not None:
-                        n = sum(len(o.token_ids) for o in last.outputs)
-                        yield "data: " + json.dumps({"id": rid, "object": "text_completion", "created": created,
-                                                     "model": model.name, "choices": [],
-                                                     "usage": {"prompt_tokens": len(ids), "completion_tokens": n,
-                                                               "total_tokens": len(ids) + n}}) + "\n\n"
-                except Exception as exc:
-                    yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
+                last = None
+                async for out in outs:
+                    last = out
+                    choices = [{"index": o.index, "text": o.new_text, "logprobs": None,
+                                "finish_reason": o.finish_reason} for o in out.outputs
+                               if o.new_text or o.finish_reason]
+                    if choices:
+                        yield {"id": rid, "object": "text_completion", "created": created, "model": model.name,
+                               "choices": choices}
+                if include_usage and last is not None:
+                    yield {"id": rid, "object": "text_completion", "created": created, "model": model.name,
+                           "choices": [], "usage": _completion_usage(ids, last)}
+            return _sse(events())
         last = None
         async for out in await _run(model, ids, params, request):
             last = out
-        n = sum(len(o.token_ids) for o in last.outputs)
         return {"id": rid, "object": "text_completion", "created": created, "model": model.name,
                 "choices": [{"index": o.index, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
                             for o in last.outputs],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}}
+                "usage": _completion_usage(ids, last)}
 
     return router
