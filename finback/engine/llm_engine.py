@@ -80,7 +80,7 @@ class LLMEngine:
 
     def _setup_cache(self) -> None:
         args, cfg = self.args, self.model_config
-        per_token = kv_bytes_per_token(cfg, self.dtype)
+        per_token = kv_bytes_per_token(self.runner.model, self.dtype)
         per_block = per_token * args.block_size
         if args.num_kv_blocks is not None:
             num_blocks = args.num_kv_blocks

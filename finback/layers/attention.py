@@ -169,6 +169,11 @@ class Attention(nn.Module):
         self.scale = scale
         self.kv_cache: torch.Tensor | None = None  # attached by the runner
 
+    def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """The shape of this layer's KV cache tensor (the runner allocates it; MLA layers store a
+        latent instead and define their own)."""
+        return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, H*D], k/v: [T, Hk*D] -> [T, H*D]."""
         t = q.shape[0]

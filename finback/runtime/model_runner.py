@@ -6,6 +6,7 @@ piece that knows devices; the engine above it knows sequences and token ids.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -76,9 +77,11 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     return model
 
 
-def kv_bytes_per_token(config, dtype: torch.dtype, group: ParallelGroup = SINGLE) -> int:
-    kv_heads = max(1, config.num_key_value_heads // group.world_size)
-    return 2 * config.num_hidden_layers * kv_heads * config.head_dim * torch.finfo(dtype).bits // 8
+def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
+    """Bytes of KV cache one token takes on this rank: every attention layer's cache_shape for one
+    one-token block."""
+    elem = torch.finfo(dtype).bits // 8
+    return sum(math.prod(layer.cache_shape(1, 1)) for layer in model.attention_layers()) * elem
 
 
 class ModelRunner:
@@ -101,8 +104,7 @@ class ModelRunner:
         self.kv_caches = []
         for layer in layers:
             # not zeroed: attention reads only slots that were written (padding reads a written slot)
-            cache = torch.empty(2, num_blocks, block_size, layer.num_kv_heads, layer.head_dim,
-                                dtype=self.dtype, device=self.device)
+            cache = torch.empty(layer.cache_shape(num_blocks, block_size), dtype=self.dtype, device=self.device)
             layer.kv_cache = cache
             self.kv_caches.append(cache)
         self.block_size = block_size
