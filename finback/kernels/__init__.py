@@ -8,8 +8,9 @@ Conventions every kernel module follows:
   the tests run the kernels under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
   before any kernel is defined); on a GPU the same tests run the compiled kernels.
 - Only what triton 3.6 offers is used (the GPU machines have triton 3.6 and torch 2.11).
-- `use_triton(t)` says whether a kernel should run for tensor `t`: on CUDA, or on CPU when the
-  interpreter is on (tests only; it is far too slow for serving).
+- `use_triton(t)` says whether layers should dispatch to a kernel for tensor `t`: only on CUDA.
+  Layers on CPU always take the torch path (even when the interpreter is on, as in the tests);
+  kernel tests call the kernel functions directly.
 """
 
 from __future__ import annotations
@@ -32,4 +33,4 @@ def interpreting() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    return HAS_TRITON and (t.is_cuda or interpreting())
+    return HAS_TRITON and t.is_cuda
