@@ -24,6 +24,7 @@ class EngineArgs:
     kv_cache_space_gb: float | None = None    # CPU: KV cache size (vLLM's VLLM_CPU_KVCACHE_SPACE), default 4
     num_kv_blocks: int | None = None          # override the computed number of KV blocks (vLLM: num_gpu_blocks_override)
     seed: int | None = 0
+    load_format: str = "auto"                 # auto | dummy (random weights of the config's shapes; benchmarks)
     enforce_eager: bool = False
 
     @classmethod
@@ -46,4 +47,5 @@ class EngineArgs:
         need(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]")
         need(self.tensor_parallel_size >= 1 and self.pipeline_parallel_size >= 1,
              "parallel sizes must be >= 1")
+        need(self.load_format in ("auto", "dummy"), "load_format must be auto or dummy")
         need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1")

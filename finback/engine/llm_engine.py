@@ -37,7 +37,12 @@ class LLMEngine:
         t0 = time.perf_counter_ns()
         self.device = resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
-        checkpoint = open_checkpoint(args.model)
+        if args.load_format == "dummy":
+            from finback.loader.dummy import DummyCheckpoint
+
+            checkpoint = DummyCheckpoint(args.model)
+        else:
+            checkpoint = open_checkpoint(args.model)
         try:
             self.model_config = checkpoint.config
             self.tokenizer = None
