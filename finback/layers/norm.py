@@ -1,9 +1,12 @@
-"""RMSNorm, optionally fused with the residual add that precedes it."""
+"""RMSNorm, optionally fused with the residual add that precedes it. On CUDA both forms run as one
+Triton kernel (finback/kernels/norm.py); the fused one updates x and residual in place there."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from finback.kernels import use_triton
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -23,6 +26,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
+        if use_triton(x) and x.dtype == self.weight.dtype:
+            from finback.kernels import norm as kernels
+
+            if residual is None:
+                return kernels.rms_norm(x, self.weight, self.eps)
+            return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         residual = x + residual
