@@ -11,6 +11,7 @@ values) whatever the tensor size. On CPU, large tensors are split over
 `torch.get_num_threads()` threads.
 
 Block layouts (QK_K = 256) are those of ggml-common.h; each decoder names the byte ranges it reads.
+The IQ types' codebooks and sign tables live in finback/loader/iq_grids.py.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Callable
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from finback.loader import iq_grids
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -367,6 +370,228 @@ def _deq_q6_k(blocks: torch.Tensor, out: torch.Tensor, sub: int) -> None:
         o.mul_(dl[s:e])
 
 
+# --------------------------------------------------------------------------- IQ types
+# IQ blocks hold indices into fixed codebooks (finback/loader/iq_grids.py), sign patterns and 4-bit
+# group scales. Every product below is exact in float32 (fp16 d: 11 bits; group scale: <= 5 bits;
+# grid value: <= 6 bits; IQ4 codebook: 7 bits; IQ1 grid+delta: 4 bits), so results are bit-equal to
+# gguf-py's whatever the order. The order is still gguf-py's (IQ4_XS aside: its lookup lands in the
+# output first), so a non-finite d gives NaN/inf in the same places. Lookups are embedding-style
+# gathers of whole codebook rows.
+
+
+def _raw(blocks: torch.Tensor, at: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+    """Bytes [at, at+nbytes) of each block, aligned and viewed as `dtype` (n, nbytes/itemsize)."""
+    return blocks[:, at : at + nbytes].clone(memory_format=torch.contiguous_format).view(dtype)
+
+
+def _u16(blocks: torch.Tensor, at: int, k: int) -> torch.Tensor:
+    """k little-endian uint16 at byte `at` of each block, as int32 (n, k)."""
+    return _raw(blocks, at, 2 * k, torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
+
+
+def _u32(blocks: torch.Tensor, at: int, k: int) -> torch.Tensor:
+    """k little-endian uint32 at byte `at` of each block, as int64 (n, k)."""
+    return _raw(blocks, at, 4 * k, torch.int32).to(torch.int64).bitwise_and_(0xFFFFFFFF)
+
+
+def _nibbles(src: torch.Tensor) -> torch.Tensor:
+    """Bytes (n, L) -> uint8 (n, 2L): value 2j is the low nibble of byte j, 2j+1 the high one."""
+    return torch.stack([src & 0x0F, src >> 4], dim=2).view(src.shape[0], -1)
+
+
+def _shifted(x: torch.Tensor, shifts: tuple[int, ...], mask: int) -> torch.Tensor:
+    """x (n, k) integer -> (n, k*len(shifts)): entry k*S + s is (x[k] >> shifts[s]) & mask."""
+    sh = _const(shifts, x.dtype, (1, 1, len(shifts)), x.device)
+    return (x.unsqueeze(2) >> sh).bitwise_and_(mask).view(x.shape[0], -1)
+
+
+def _byte_signs(device: torch.device) -> torch.Tensor:
+    """float32 [256, 8]: entry [b, k] = -1 where bit k of byte b is set, else +1."""
+    key = ("byte_signs", str(device))
+    t = _CONST_CACHE.get(key)
+    if t is None:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        t = (1 - 2 * bits).to(torch.float32).to(device)
+        _CONST_CACHE[key] = t
+    return t
+
+
+def _rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows of a [N, W] table at integer indices idx (any shape): (*idx.shape, W)."""
+    return torch.nn.functional.embedding(idx.long(), table)
+
+
+def _scale_half(d: torch.Tensor, s: torch.Tensor, last: float) -> torch.Tensor:
+    """gguf-py's d * (0.5 + s) * last for 4-bit group scales s (n, k)."""
+    return d * (0.5 + s.float()) * last
+
+
+def _deq_iq2_xxs(blocks: torch.Tensor, out: torch.Tensor, sub: int) -> None:
+    # d:2 | 8 x (grid idx:4 bytes, aux:uint32).  aux: four 7-bit sign indices, scale in bits 28..31.
+    # value (g, r, k) = (d*(0.5+s_g)*0.25) * grid[idx_gr][k] * sign[sidx_gr][k]
+    n = blocks.shape[0]
+    dev = blocks.device
+    d = _f16s(blocks, 0, 1)
+    aux = _u32(blocks, 2, 16).view(n, 8, 2)[:, :, 1]
+    db = _scale_half(d, aux >> 28, 0.25).view(n, 8, 1, 1)
+    sidx = _shifted(aux, (0, 7, 14, 21), 0x7F)
+    grid, signs = iq_grids.grid(T.IQ2_XXS, dev), iq_grids.sign_table(dev)
+    for s, e in _subs(n, sub):
+        k = e - s
+        idx = blocks[s:e, 2:66].reshape(k, 8, 2, 4)[:, :, 0]
+        o = out[s:e].view(k, 8, 4, 8)
+        torch.mul(db[s:e], _rows(grid, idx), out=o)
+        o.mul_(_rows(signs, sidx[s:e].view(k, 8, 4)))
+
+
+def _deq_iq2_xs(blocks: torch.Tensor, out: torch.Tensor, sub: int) -> None:
+    # d:2 | qs:32 x uint16 (grid idx: low 9 bits, sign idx: high 7) | scales:8 (16 nibbles).
+    # 16 groups of 16 values (2 grid rows each).
+    n = blocks.shape[0]
+    dev = blocks.device
+    d = _f16s(blocks, 0, 1)
+    db = _scale_half(d, _nibbles(blocks[:, 66:74]), 0.25).view(n, 16, 1, 1)
+    grid, signs = iq_grids.grid(T.IQ2_XS, dev), iq_grids.sign_table(dev)
+    for s, e in _subs(n, sub):
+        k = e - s
+        qs = _u16(blocks[s:e], 2, 32)
+        o = out[s:e].view(k, 16, 2, 8)
+        torch.mul(db[s:e], _rows(grid, qs & 511).view(k, 16, 2, 8), out=o)
+        o.mul_(_rows(signs, qs >> 9).view(k, 16, 2, 8))
+
+
+def _deq_iq2_s(blocks: torch.Tensor, out: torch.Tensor, sub: int) -> None:
+    # d:2 | qs:32 | signs:32 | qh:8 | scales:8.  grid idx j = qs[j] | ((qh[j/4] >> 2(j%4)) & 3) << 8;
+    # sign bit k of byte j negates value 8j+k; 16 groups of 16 values.
+    n = blocks.shape[0]
+    dev = blocks.device
+    d = _f16s(blocks, 0, 1)
+    db = _scale_half(d, _nibbles(blocks[:, 74:82]), 0.25).view(n, 16, 1, 1)
+    grid, signs = iq_grids.grid(T.IQ2_S, dev), _byte_signs(dev)
+    for s, e in _subs(n, sub):
+        k = e - s
+        b = blocks[s:e]
+        idx = b[:, 2:34].to(torch.int32) | (_shifted(b[:, 66:74].to(torch.int32), (0, 2, 4, 6), 3) << 8)
+        o = out[s:e].view(k, 16, 2, 8)
+        torch.mul(db[s:e], _rows(grid, idx).view(k, 16, 2, 8), out=o)
+        o.mul_(_rows(signs, b[:, 34:66]).view(k, 16, 2, 8))
+
+
+def _deq_iq3_xxs(blocks: torch.Tensor, out: torch.Tensor, sub: int) -> None:
+    # d:2 | qs:64 (grid idx, 4 values each) | 8 x uint32 aux (four 7-bit sign indices, scale in
+    # bits 28..31).  8 groups of 32 values: (d*(0.5+s)*0.5) * grid * sign.
+    n = blocks.shape[0]
+    dev = blocks.device
+    d = _f16s(blocks, 0, 1)
+    aux = _u32(blocks, 66, 8)
+    db = _scale_half(d, aux >> 28, 0.5).view(n, 8, 1, 1)
+    sidx = _shifted(aux, (0, 7, 14, 21), 0x7F)
+    grid, signs = iq_grids.grid(T.IQ3_XXS, dev), iq_grids.sign_table(dev)
+    for s, e in _subs(n, sub):
+        k = e - s
+        o = out[s:e].view(k, 8, 4, 8)
+        torch.mul(db[s:e], _rows(grid, blocks[s:e, 2:66]).view(k, 8, 4, 8), out=o)
+        o.mul_(_rows(signs, sidx[s:e].view(k, 8, 4)))
+
+
+def _deq_iq3_s(blocks: torch.Tensor, out: torch.Tensor, sub: int) -> None:
+    # d:2 | qs:64 | qh:8 | signs:32 | scales:4.  grid idx j = qs[j] | bit (j%8) of qh[j/8] << 8
+    # (4 values each); sign bit k of byte j negates value 8j+k; 8 groups of 32: d*(1+2s).
+    n = blocks.shape[0]
+    dev = blocks.device
+    d = _f16s(blocks, 0, 1)
+    db = (d * (1 + 2 * _nibbles(blocks[:, 106:110]))).view(n, 8, 1, 1)
+    grid, signs = iq_grids.grid(T.IQ3_S, dev), _byte_signs(dev)
+    for s, e in _subs(n, sub):
+        k = e - s
+        b = blocks[s:e]
+        idx = b[:, 2:66].to(torch.int32) | (_shifted(b[:, 66:74].to(torch.int32), tuple(range(8)), 1) << 8)
+        o = out[s:e].view(k, 8, 4, 8)
+        torch.mul(db[s:e], _rows(grid, idx).view(k, 8, 4, 8), out=o)
+        o.mul_(_rows(signs, b[:, 74:106]).view(k, 8, 4, 8))
+
+
+def _iq1_delta(neg: torch.Tensor) -> torch.Tensor:
+    """+-IQ1_DELTA (float32) where the sign bit `neg` (0 or nonzero) says."""
+    dev = neg.device
+    return torch.where(neg != 0, _const(-iq_grids.IQ1_DELTA, torch.float32, (), dev),
+                       _const(iq_grids.IQ1_DELTA, torch.float32, (), dev))
+
+
+def _deq_iq1_s(blocks: torch.Tensor, out: torch.Tensor, sub: int) -> None:
+    # d:2 | qs:32 | qh:8 x uint16.  qh[g]: bits 3r..3r+2 = high bits of grid idx 4g+r, bits 12..14 =
+    # scale s, bit 15 = delta sign.  8 groups of 32: (d*(2s+1)) * (grid + delta).
+    n = blocks.shape[0]
+    dev = blocks.device
+    d = _f16s(blocks, 0, 1)
+    qh = _u16(blocks, 34, 8)
+    dl = (d * (2 * ((qh >> 12) & 7) + 1)).view(n, 8, 1, 1)
+    delta = _iq1_delta(qh & 0x8000).view(n, 8, 1, 1)
+    hi = _shifted(qh, (0, 3, 6, 9), 7) << 8
+    grid = iq_grids.grid(T.IQ1_S, dev)
+    for s, e in _subs(n, sub):
+        k = e - s
+        idx = blocks[s:e, 2:34].to(torch.int32) | hi[s:e]
+        o = out[s:e].view(k, 8, 4, 8)
+        torch.add(_rows(grid, idx).view(k, 8, 4, 8), delta[s:e], out=o)
+        o.mul_(dl[s:e])
+
+
+def _deq_iq1_m(blocks: torch.Tensor, out: torch.Tensor, sub: int) -> None:
+    # qs:32 | qh:16 | scales:4 x uint16.  The fp16 d is the top nibbles of the 4 scale words (word w
+    # gives bits 4w..4w+3); the low 12 bits of each word are four 3-bit scales (16 groups of 16).
+    # qh byte j: low nibble for grid idx 2j, high nibble for 2j+1 (bits 0..2: idx bits 8..10,
+    # bit 3: delta sign of that 8-value row).  value = (d*(2s+1)) * (grid + delta).
+    n = blocks.shape[0]
+    dev = blocks.device
+    sc = _u16(blocks, 48, 4)
+    top = (sc & 0xF000) >> _const((12, 8, 4, 0), torch.int32, (1, 4), dev)
+    dbits = top[:, 0] | top[:, 1] | top[:, 2] | top[:, 3]
+    d = (dbits - ((dbits >> 15) << 16)).to(torch.int16).view(torch.float16).float().view(n, 1)
+    dl = (d * (2 * _shifted(sc, (0, 3, 6, 9), 7) + 1)).view(n, 8, 2, 1, 1)
+    nib = _nibbles(blocks[:, 32:48])
+    delta = _iq1_delta(nib & 8).view(n, 8, 2, 2, 1)
+    hi = (nib & 7).to(torch.int32) << 8
+    grid = iq_grids.grid(T.IQ1_M, dev)
+    for s, e in _subs(n, sub):
+        k = e - s
+        idx = blocks[s:e, 0:32].to(torch.int32) | hi[s:e]
+        o = out[s:e].view(k, 8, 2, 2, 8)
+        torch.add(_rows(grid, idx).view(k, 8, 2, 2, 8), delta[s:e], out=o)
+        o.mul_(dl[s:e])
+
+
+def _deq_iq4_nl(blocks: torch.Tensor, out: torch.Tensor, sub: int) -> None:
+    # d:2 | qs:16 (block of 32: value k<16 is the low nibble of byte k, k>=16 the high nibble of
+    # byte k-16).  d * kvalues[q]
+    d = _f16s(blocks, 0, 1)
+    kv = iq_grids.kvalues_iq4nl(blocks.device)
+    for s, e in _subs(blocks.shape[0], sub):
+        o = out[s:e]
+        torch.index_select(kv, 0, _nib16(blocks[s:e], 2).view(-1).long(), out=o.view(-1))
+        o.mul_(d[s:e])
+
+
+def _deq_iq4_xs(blocks: torch.Tensor, out: torch.Tensor, sub: int) -> None:
+    # d:2 | scales_h:uint16 | scales_l:4 | qs:128.  8 groups of 32; 6-bit scale g = nibble g of
+    # scales_l (low nibble first) | bits 2g..2g+1 of scales_h << 4, minus 32; group g's values are
+    # the 16 low nibbles of bytes 16g.. then the 16 high ones.  (d * sc) * kvalues[q] (exact, so
+    # computed as kvalues[q] * (d * sc))
+    n = blocks.shape[0]
+    dev = blocks.device
+    d = _f16s(blocks, 0, 1)
+    sh = _shifted(_u16(blocks, 2, 1), tuple(range(0, 16, 2)), 3)
+    sc = (_nibbles(blocks[:, 4:8]).to(torch.int32) | (sh << 4)) - 32
+    dl = (d * sc.float()).view(n, 8, 1)
+    kv = iq_grids.kvalues_iq4nl(dev)
+    for s, e in _subs(n, sub):
+        k = e - s
+        q = _nib_rows(blocks[s:e, 8:136].view(k, 8, 16))
+        o = out[s:e]
+        torch.index_select(kv, 0, q.view(-1).long(), out=o.view(-1))
+        o.view(k, 8, 32).mul_(dl[s:e])
+
+
 _DECODERS: dict[GGMLQuantizationType, Callable[[torch.Tensor, torch.Tensor, int], None]] = {
     T.F32: _deq_f32,
     T.F16: _deq_f16,
@@ -381,6 +606,15 @@ _DECODERS: dict[GGMLQuantizationType, Callable[[torch.Tensor, torch.Tensor, int]
     T.Q4_K: _deq_q4_k,
     T.Q5_K: _deq_q5_k,
     T.Q6_K: _deq_q6_k,
+    T.IQ1_S: _deq_iq1_s,
+    T.IQ1_M: _deq_iq1_m,
+    T.IQ2_XXS: _deq_iq2_xxs,
+    T.IQ2_XS: _deq_iq2_xs,
+    T.IQ2_S: _deq_iq2_s,
+    T.IQ3_XXS: _deq_iq3_xxs,
+    T.IQ3_S: _deq_iq3_s,
+    T.IQ4_NL: _deq_iq4_nl,
+    T.IQ4_XS: _deq_iq4_xs,
 }
 
 SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = frozenset(_DECODERS)
