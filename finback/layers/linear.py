@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finback.layers.gguf_linear import GGUFWeight, gguf_matmul
 from finback.layers.quantized import Int4Tensor, int4_matmul, kernel_takes, pack
 from finback.runtime.parallel import SINGLE, ParallelGroup
 
@@ -52,6 +53,9 @@ class _Linear(nn.Module):
         self.int4 = None       # (packed, scales_and_zeros) once finalize_int4 packed the weight
         self._int4_parts = []  # (dim, dst_start, Int4Tensor) placed into the weight
         self._dense_parts = 0
+        # (first output row, GGUFWeight): the weight as GGUF blocks, each part possibly of another type
+        # (Q4_K_M: Q4_K q/k, Q6_K v); once they cover every row the dense weight is dropped
+        self.gguf_parts: list[tuple[int, GGUFWeight]] = []
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         raise NotImplementedError
@@ -59,8 +63,21 @@ class _Linear(nn.Module):
     def _place(self, param, loaded, dim: int, dst_start: int, length: int, src_start: int) -> None:
         """Copy loaded[src_start:src_start+length] (along dim) to param[dst_start:...]."""
         src = loaded.narrow(dim, src_start, length)
+        if isinstance(src, GGUFWeight) and param is self.weight and dim == 0 and not self._dense_parts:
+            self.gguf_parts.append((dst_start, src.to(param.device)))
+            if sum(w.shape[0] for _, w in self.gguf_parts) == self.out_features:
+                self.weight.data = torch.empty(0, self.in_features, dtype=param.dtype, device=param.device)
+            return
+        if self.gguf_parts and param is self.weight:  # a dense part too: the whole weight stays dense
+            for start, w in self.gguf_parts:
+                param.data.narrow(0, start, w.shape[0]).copy_(w.dequantize())
+            self._dense_parts += len(self.gguf_parts)
+            self.gguf_parts = []
         dst = param.data.narrow(dim, dst_start, length)
-        if isinstance(src, Int4Tensor):
+        if isinstance(src, GGUFWeight):
+            dst.copy_(src.dequantize())
+            self._dense_parts += param is self.weight
+        elif isinstance(src, Int4Tensor):
             dst.copy_(src.dequantize())
             if param is self.weight:
                 self._int4_parts.append((dim, dst_start, src))
@@ -94,6 +111,13 @@ class _Linear(nn.Module):
         return True
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.gguf_parts and self.weight.numel() == 0:
+            x2 = x.reshape(-1, x.shape[-1])
+            y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+            for start, w in self.gguf_parts:
+                gguf_matmul(x2, w, out=y[:, start:start + w.shape[0]])
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if bias is None else y + bias
         if self.int4 is not None:
             y = int4_matmul(x, *self.int4, self.out_features)
             return y if bias is None else y + bias
@@ -205,8 +229,8 @@ class RowParallelLinear(_Linear):
             return
         _check_shape("weight", loaded, (param.shape[0], self.full_in))
         n = param.shape[1]
-        if isinstance(loaded, Int4Tensor):
-            loaded = loaded.narrow(1, self.group.rank * n, n)  # whole groups of 32 columns
+        if isinstance(loaded, (Int4Tensor, GGUFWeight)):
+            loaded = loaded.narrow(1, self.group.rank * n, n)  # whole groups of 32 / whole blocks
             self._place(param, loaded, 0, 0, param.shape[0], 0)
         else:
             self._place(param, loaded, 1, 0, n, self.group.rank * n)

@@ -41,10 +41,35 @@ _GGUF_LAYER = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # deepseek2 (DeepSeek-V3 / R1): MLA projections, router, stacked and shared experts. Newer
+    # llama.cpp files split kv_b into attn_k_b [H, kv_lora, nope] and attn_v_b [H, v, kv_lora]
+    # (llama.cpp's converter names them k_b_proj / v_b_proj): the model rebuilds kv_b_proj from them.
+    "attn_q_a": "self_attn.q_a_proj",
+    "attn_q_a_norm": "self_attn.q_a_layernorm",
+    "attn_q_b": "self_attn.q_b_proj",
+    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+    "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+    "attn_kv_b": "self_attn.kv_b_proj",
+    "attn_k_b": "self_attn.k_b_proj",
+    "attn_v_b": "self_attn.v_b_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+    "ffn_up_shexp": "mlp.shared_experts.up_proj",
+    "ffn_down_shexp": "mlp.shared_experts.down_proj",
 }
+# the projections that load into finback's linear layers, which take GGUF blocks (gguf_blocks mode)
+_BLOCK_LINEAR = frozenset({"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"})
+# whole llama.cpp tensor suffixes whose Hugging Face name has no .weight/.bias
+_GGUF_LAYER_FULL = {"exp_probs_b.bias": "mlp.gate.e_score_correction_bias"}
 _BLK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_BLK_FULL = re.compile(r"^blk\.(\d+)\.(.+)$")
 _HF_GLOBAL = {v: k for k, v in _GGUF_GLOBAL.items()}
 _HF_LAYER = {v: k for k, v in _GGUF_LAYER.items()}
+_HF_LAYER_FULL = {v: k for k, v in _GGUF_LAYER_FULL.items()}
+_HF_LAYER_ANY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _HF_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 # our fused parameters (see the models' load_weights) -> the checkpoint tensors they are loaded from
 _FUSED = re.compile(r"^(.*)\.(qkv_proj|gate_up_proj)\.(weight|bias):(\w+)$")
@@ -66,6 +91,9 @@ def gguf_to_hf_name(name: str) -> str | None:
     m = _BLK.match(name)
     if m and m.group(2) in _GGUF_LAYER:
         return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}.{m.group(3)}"
+    m = _BLK_FULL.match(name)
+    if m and m.group(2) in _GGUF_LAYER_FULL:
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER_FULL[m.group(2)]}"
     return None
 
 
@@ -76,6 +104,9 @@ def hf_to_gguf_name(name: str) -> str:
     m = _HF_LAYER_NAME.match(name)
     if m and m.group(2) in _HF_LAYER:
         return f"blk.{m.group(1)}.{_HF_LAYER[m.group(2)]}.{m.group(3)}"
+    m = _HF_LAYER_ANY.match(name)
+    if m and m.group(2) in _HF_LAYER_FULL:
+        return f"blk.{m.group(1)}.{_HF_LAYER_FULL[m.group(2)]}"
     return name
 
 
@@ -228,9 +259,11 @@ class GGUFCheckpoint(Checkpoint):
     def _layers_key(self) -> str:
         return f"{self.gguf_metadata.get('general.architecture')}.block_count"
 
-    def weights(self, int4: bool = False):
+    def weights(self, int4: bool = False, gguf_blocks: bool = False):
         """With int4, 2-D linear weights of types Q4_0/Q4_1/Q4_K come as `Int4Tensor` (4-bit groups)
-        instead of dense tensors; the embedding and the LM head stay dense."""
+        instead of dense tensors; with gguf_blocks, 2-D linear weights of a type the GGUF kernels
+        take come as `GGUFWeight` (the raw blocks, on CPU). The embedding and the LM head stay dense."""
+        from finback.layers.gguf_linear import KERNEL_TYPES, GGUFWeight
         from finback.layers.quantized import Int4Tensor
         from finback.loader.quants import INT4_TYPES, int4_groups
 
@@ -238,8 +271,10 @@ class GGUFCheckpoint(Checkpoint):
         for e in self.entries:
             name = e.file_name
             info = self.file.tensors[name]
-            if (int4 and info.ggml_type in INT4_TYPES and len(info.shape) == 2
-                    and name.startswith("blk.") and name.endswith(".weight")):
+            linear = len(info.shape) == 2 and name.startswith("blk.") and name.endswith(".weight")
+            if gguf_blocks and linear and info.ggml_type in KERNEL_TYPES and name.split(".")[2] in _BLOCK_LINEAR:
+                tensor = GGUFWeight(self.file.raw(name), info.ggml_type, tuple(info.shape))
+            elif int4 and linear and info.ggml_type in INT4_TYPES:
                 tensor = Int4Tensor(*int4_groups(self.file.raw(name), info.ggml_type, tuple(info.shape)))
             else:
                 tensor = self.file.load(name)
@@ -249,7 +284,7 @@ class GGUFCheckpoint(Checkpoint):
                 if tensor.shape[0] % (2 * heads):
                     raise ModelLoadError(e.file, f"tensor {name} has {tensor.shape[0]} rows, "
                                                  f"not a multiple of 2 x {heads} heads")
-                if isinstance(tensor, Int4Tensor):
+                if isinstance(tensor, (Int4Tensor, GGUFWeight)):  # a row permutation: whole block rows
                     rows = torch.arange(tensor.shape[0])
                     tensor = tensor.permute_rows(unpermute_qk(rows, heads))
                 else:
@@ -305,10 +340,27 @@ class SafetensorsCheckpoint(Checkpoint):
                 if name not in headers[rel]:
                     where = f" (it is in {os.path.basename(holder[name])})" if name in holder else ""
                     raise ModelLoadError(index, f"lists tensor {name!r} in {rel}, which does not hold it{where}")
+        self._pair_fp8(headers, holder)
         self._check_against_config()
+
+    def _pair_fp8(self, headers: dict, holder: dict[str, str]) -> None:
+        """Block-FP8 weights travel with their `_scale_inv` tensors (finback/loader/fp8.py): pair them,
+        check the scale shapes, and drop the scales from `entries` (weights() dequantizes)."""
+        from finback.loader.fp8 import SCALE_SUFFIX, FP8PairError, pair_scales
+
+        shapes = {e.name: e.shape for e in self.entries}
+        fp8 = {name for header in headers.values() for name, (dtype, _, _, _) in header.items() if dtype == "F8_E4M3"}
+        try:
+            self.fp8_scales = pair_scales(shapes, fp8, self.config.fp8_block_size)
+        except FP8PairError as exc:
+            raise ModelLoadError(holder[exc.tensor], str(exc)) from None
+        self.fp8_holder = {scale: holder[scale] for scale in self.fp8_scales.values()}
+        self.entries = [e for e in self.entries if not e.name.endswith(SCALE_SUFFIX)]
 
     def weights(self, int4: bool = False):  # dense formats: nothing stays 4-bit
         from safetensors import safe_open
+
+        from finback.loader.fp8 import dequantize_block_fp8
 
         by_file: dict[str, list[str]] = {}
         for e in self.entries:
@@ -317,7 +369,16 @@ class SafetensorsCheckpoint(Checkpoint):
             try:
                 with safe_open(path, framework="pt") as f:
                     for name in by_file.get(path, []):
-                        yield name, f.get_tensor(name)
+                        tensor = f.get_tensor(name)
+                        scale = self.fp8_scales.get(name)
+                        if scale is not None:
+                            if self.fp8_holder[scale] == path:
+                                scale_inv = f.get_tensor(scale)
+                            else:
+                                with safe_open(self.fp8_holder[scale], framework="pt") as g:
+                                    scale_inv = g.get_tensor(scale)
+                            tensor = dequantize_block_fp8(tensor, scale_inv, self.config.fp8_block_size)
+                        yield name, tensor
             except ModelLoadError:
                 raise
             except Exception as exc:  # safetensors raises its own error types for bad files
@@ -371,7 +432,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 # safetensors dtypes finback loads into its floating-point parameters -> bytes per element
-_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+_ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1}  # FP8: block-scaled weights only
 
 
 def _is_size(v: Any) -> bool:

@@ -1,0 +1,113 @@
+"""Linear weights kept as GGUF blocks, and the matmul that reads them.
+
+A `GGUFWeight` is one checkpoint tensor [N, K] in its GGUF type: raw blocks (uint8 [N, bytes per row])
+on the device, never a dequantized copy. Loaders slice it like a tensor: rows (output features) freely,
+columns (input features, for row-parallel layers) only at block boundaries. `gguf_matmul` multiplies by
+it: on CUDA with the Triton kernels of `finback.kernels.gguf` (GEMV for up to 16 rows of activations,
+GEMM above); elsewhere by dequantizing then multiplying (correct but slow: the tests' path).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from finback.kernels import use_triton
+from finback.kernels.gguf import GEMV_MAX_M, KERNEL_TYPES, gguf_gemm, gguf_gemv, gguf_matmul_ref
+
+__all__ = ["KERNEL_TYPES", "GGUFWeight", "gguf_matmul"]
+
+
+class GGUFWeight:
+    """A 2-D GGUF tensor [N, K] as blocks: `data` uint8 [N, K / block_size * block_bytes]."""
+
+    def __init__(self, data: torch.Tensor, qtype: GGMLQuantizationType | int, shape: tuple[int, int]):
+        self.qtype = GGMLQuantizationType(int(qtype))
+        if self.qtype not in GGML_QUANT_SIZES:
+            raise ValueError(f"{self.qtype.name} is not a block type")
+        n, k = (int(s) for s in shape)
+        self.block_size, self.block_bytes = GGML_QUANT_SIZES[self.qtype]
+        if k % self.block_size:
+            raise ValueError(f"{self.qtype.name} rows of {k} values are not whole blocks of {self.block_size}")
+        row = k // self.block_size * self.block_bytes
+        if data.dtype != torch.uint8:
+            raise ValueError(f"GGUF blocks must be uint8, got {data.dtype}")
+        if data.dim() == 1:
+            if data.numel() != n * row:
+                raise ValueError(f"{self.qtype.name} [{n}, {k}] needs {n * row} bytes, got {data.numel()}")
+            data = data.view(n, row)
+        if tuple(data.shape) != (n, row) or (n and row and data.stride(1) != 1):
+            raise ValueError(f"{self.qtype.name} [{n}, {k}] needs blocks of shape ({n}, {row}) with contiguous "
+                             f"rows, got {tuple(data.shape)}")
+        self.data = data
+        self.shape = torch.Size((n, k))
+
+    def dim(self) -> int:
+        return 2
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.shape[0] * self.data.shape[1]
+
+    def __repr__(self) -> str:
+        return f"GGUFWeight({self.qtype.name}, shape={tuple(self.shape)}, device={self.device})"
+
+    def narrow(self, dim: int, start: int, length: int) -> GGUFWeight:
+        """Rows [start, start+length) (dim 0), or columns (dim 1) on block boundaries: a view."""
+        n, k = self.shape
+        if dim == 0:
+            return GGUFWeight(self.data.narrow(0, start, length), self.qtype, (length, k))
+        if dim != 1:
+            raise ValueError(f"a GGUF weight has dims 0 and 1, not {dim}")
+        if start % self.block_size or length % self.block_size:
+            raise ValueError(f"a {self.qtype.name} weight splits along its columns only on blocks of "
+                             f"{self.block_size} (asked for {start}..{start + length})")
+        qk, b = self.block_size, self.block_bytes
+        return GGUFWeight(self.data.narrow(1, start // qk * b, length // qk * b), self.qtype, (n, length))
+
+    def permute_rows(self, index: torch.Tensor) -> GGUFWeight:
+        return GGUFWeight(self.data[index.to(self.data.device)], self.qtype, tuple(self.shape))
+
+    def to(self, device: torch.device | str) -> GGUFWeight:
+        device = torch.device(device)
+        if self.data.device == device:
+            return self
+        return GGUFWeight(self.data.to(device), self.qtype, tuple(self.shape))
+
+    def contiguous(self) -> GGUFWeight:
+        return self if self.data.is_contiguous() else GGUFWeight(self.data.contiguous(), self.qtype, tuple(self.shape))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        from finback.loader.quants import dequantize
+
+        w = dequantize(self.data.contiguous().view(-1), self.qtype, tuple(self.shape))
+        return w if dtype == torch.float32 else w.to(dtype)
+
+
+def gguf_matmul(x: torch.Tensor, w: GGUFWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N] in x's dtype (written into `out`, a [..., N] tensor whose last
+    dim is contiguous, when given)."""
+    n, k = w.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features but the {w.qtype.name} weight takes {k}")
+    lead = x.shape[:-1]
+    m = math.prod(lead)
+    x2 = x.reshape(m, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if out is None:
+        out = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
+    elif tuple(out.shape) != (*lead, n):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(*lead, n)}")
+    o2 = out if out.dim() == 2 else out.view(m, n)
+    if use_triton(x) and w.qtype in KERNEL_TYPES:
+        (gguf_gemv if m <= GEMV_MAX_M else gguf_gemm)(x2, w.data, w.qtype, k, out=o2)
+    else:
+        gguf_matmul_ref(x2, w.data, w.qtype, k, out=o2)
+    return out
