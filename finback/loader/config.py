@@ -19,8 +19,9 @@ HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
 }
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "deepseek2": "deepseek_v3"}
 
 
 # Upper bounds far beyond any real model: a value past one is a corrupt file, refused before any
@@ -38,7 +39,7 @@ LIMITS = {
 # The rotary cos/sin tables hold max_position_embeddings x head_dim float32 values.
 MAX_ROTARY_TABLE_BYTES = 4 << 30
 MAX_CONFIG_BYTES = 16 << 20
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 _REQUIRED = object()
 
@@ -137,6 +138,8 @@ def _check_rope_scaling(scaling: Any, path: str | None) -> dict[str, Any] | None
     need = ["factor"]
     if kind == "llama3":
         need += ["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+    if kind == "yarn":
+        need += ["original_max_position_embeddings"]
     values = {}
     for key in need:
         value = scaling.get(key)
@@ -172,6 +175,25 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     torch_dtype: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # block FP8 checkpoints (quantization_config quant_method "fp8"): [rows, cols] of one scale block
+    fp8_block_size: tuple[int, int] | None = None
+    # DeepSeek-V3 / R1 (architecture "deepseek_v3"): multi-head latent attention and routed experts
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    moe_intermediate_size: int = 0
+    n_routed_experts: int = 0
+    num_experts_per_tok: int = 0
+    n_shared_experts: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 0
+    rope_interleave: bool = True
+    num_nextn_predict_layers: int = 0
 
     def validate(self, path: str | None) -> "ModelConfig":
         """Check the config is one our models can be built from, within sane sizes (ModelLoadError)."""
@@ -201,7 +223,38 @@ class ModelConfig:
         if self.hidden_act != "silu":
             raise ModelLoadError(path, f"hidden_act {_show(self.hidden_act)} is not supported (only silu)")
         self.rope_scaling = _check_rope_scaling(self.rope_scaling, path)
+        if self.architecture == "deepseek_v3":
+            self._validate_deepseek(path)
         return self
+
+    def _validate_deepseek(self, path: str | None) -> None:
+        def need(ok: bool, problem: str) -> None:
+            if not ok:
+                raise ModelLoadError(path, problem)
+
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                     "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group"):
+            value = getattr(self, name)
+            need(not isinstance(value, bool) and isinstance(value, int) and 0 < value <= 1 << 16,
+                 f"DeepSeek config field {name} must be a positive integer (at most 65536), got {_show(value)}")
+        need(self.q_lora_rank is None or 0 < self.q_lora_rank <= 1 << 16,
+             f"DeepSeek config field q_lora_rank must be null or a positive integer, got {_show(self.q_lora_rank)}")
+        need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim {self.qk_rope_head_dim} must be even")
+        need(self.head_dim == self.qk_rope_head_dim, "head_dim must be qk_rope_head_dim for DeepSeek")
+        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+             f"first_k_dense_replace {self.first_k_dense_replace} is not in 0..{self.num_hidden_layers}")
+        need(0 <= self.n_shared_experts <= 64, f"n_shared_experts {self.n_shared_experts} is not in 0..64")
+        need(0 <= self.num_nextn_predict_layers <= 16,
+             f"num_nextn_predict_layers {self.num_nextn_predict_layers} is not in 0..16")
+        e, g = self.n_routed_experts, self.n_group
+        need(e % g == 0 and e // g >= 2, f"n_routed_experts {e} must split into n_group {g} groups of at least 2")
+        need(self.topk_group <= g, f"topk_group {self.topk_group} is more than n_group {g}")
+        need(self.num_experts_per_tok <= self.topk_group * (e // g),
+             f"num_experts_per_tok {self.num_experts_per_tok} is more than the {self.topk_group * (e // g)} "
+             f"experts of topk_group {self.topk_group} groups")
+        rsf = self.routed_scaling_factor
+        need(not isinstance(rsf, bool) and isinstance(rsf, (int, float)) and math.isfinite(rsf) and rsf > 0,
+             f"routed_scaling_factor must be a positive finite number, got {_show(rsf)}")
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], path: str | None = None) -> "ModelConfig":
@@ -216,7 +269,8 @@ class ModelConfig:
         if names:
             arch = next((HF_ARCHITECTURES[n] for n in names if n in HF_ARCHITECTURES), None)
         else:
-            arch = {"llama": "llama", "qwen2": "qwen2", "mistral": "llama"}.get(model_type or "")
+            arch = {"llama": "llama", "qwen2": "qwen2", "mistral": "llama",
+                    "deepseek_v3": "deepseek_v3"}.get(model_type or "")
         if arch is None:
             raise ModelLoadError(path, f"unsupported architecture {_show(names or model_type)} "
                                        f"(supported: {sorted(HF_ARCHITECTURES)})")
@@ -259,6 +313,9 @@ class ModelConfig:
             eos_token_id=f.token_ids("eos_token_id", allow_list=True),
             torch_dtype=f.str("torch_dtype", None) or f.str("dtype", None),
         )
+        config.fp8_block_size = _fp8_block_size(cfg.get("quantization_config"), path)
+        if arch == "deepseek_v3":
+            _deepseek_from_hf(config, f)
         return config.validate(path)
 
     @classmethod
@@ -347,7 +404,95 @@ class ModelConfig:
             bos_token_id=_Fields(metadata, path, "GGUF metadata").token_ids("tokenizer.ggml.bos_token_id", False),
             eos_token_id=_Fields(metadata, path, "GGUF metadata").token_ids("tokenizer.ggml.eos_token_id", False),
         )
+        if arch == "deepseek_v3":
+            _deepseek_from_gguf(config, f, tensor_shapes)
         return config.validate(path)
+
+
+def _fp8_block_size(qc: Any, path: str | None) -> tuple[int, int] | None:
+    """The [rows, cols] scale block of a block-FP8 checkpoint (DeepSeek-V3's quantization_config),
+    None when the checkpoint is not FP8."""
+    if not isinstance(qc, dict) or qc.get("quant_method") != "fp8":
+        return None
+    fmt = qc.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ModelLoadError(path, f"FP8 format {_show(fmt)} is not supported (only e4m3)")
+    block = qc.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and 0 < b <= 1 << 16 for b in block)):
+        raise ModelLoadError(path, f"FP8 quantization_config needs weight_block_size [rows, cols] (per-tensor "
+                                   f"FP8 is not supported), got {_show(block)}")
+    return block[0], block[1]
+
+
+def _deepseek_from_hf(config: ModelConfig, f: _Fields) -> None:
+    """DeepSeek-V3 fields of a config.json; only sigmoid scores with the bias-corrected group-limited
+    choice (noaux_tc, V3 and R1) are supported."""
+    scoring = f.str("scoring_func", "sigmoid")
+    method = f.str("topk_method", "noaux_tc")
+    if scoring != "sigmoid" or method != "noaux_tc":
+        raise f.fail(f"DeepSeek routing {scoring}/{method} is not supported (only sigmoid/noaux_tc: V3 and R1)")
+    config.q_lora_rank = f.int("q_lora_rank", None)
+    config.kv_lora_rank = f.int("kv_lora_rank")
+    config.qk_nope_head_dim = f.int("qk_nope_head_dim")
+    config.qk_rope_head_dim = f.int("qk_rope_head_dim")
+    config.v_head_dim = f.int("v_head_dim")
+    config.moe_intermediate_size = f.int("moe_intermediate_size")
+    config.n_routed_experts = f.int("n_routed_experts")
+    config.num_experts_per_tok = f.int("num_experts_per_tok")
+    config.n_shared_experts = f.int("n_shared_experts", 0, minimum=0)
+    config.n_group = f.int("n_group", 1)
+    config.topk_group = f.int("topk_group", 1)
+    config.norm_topk_prob = f.bool("norm_topk_prob", True)
+    config.routed_scaling_factor = f.float("routed_scaling_factor", 1.0)
+    config.first_k_dense_replace = f.int("first_k_dense_replace", 0, minimum=0)
+    config.rope_interleave = f.bool("rope_interleave", True)
+    config.num_nextn_predict_layers = f.int("num_nextn_predict_layers", 0, minimum=0)
+    config.head_dim = config.qk_rope_head_dim  # the rotary part; the other head sizes have their own fields
+    config.num_key_value_heads = config.num_attention_heads
+
+
+def _deepseek_from_gguf(config: ModelConfig, f: _Fields, shapes: dict[str, tuple[int, ...]]) -> None:
+    """DeepSeek-V3 fields from llama.cpp's deepseek2 metadata. Newer files (MLA-split kv_b) give
+    key_length = kv_lora_rank + rope and value_length = kv_lora_rank, with the per-head sizes in
+    key_length_mla / value_length_mla; older ones give the per-head sizes in key_length / value_length.
+    YaRN's mscale_all_dim is stored as yarn_log_multiplier = 0.1 * mscale_all_dim."""
+    gating = f.int("expert_gating_func", None, minimum=0)
+    if gating != 2:  # absent means softmax to llama.cpp (DeepSeek-V2 files predate the key)
+        raise f.fail(f"deepseek2 expert_gating_func {gating} (softmax routing, DeepSeek-V2) is not supported: "
+                     f"only sigmoid (2, DeepSeek-V3/R1)")
+    rope = f.int("rope.dimension_count")
+    key = f.int("attention.key_length_mla", None) or f.int("attention.key_length")
+    value = f.int("attention.value_length_mla", None) or f.int("attention.value_length")
+    if key <= rope:
+        raise f.fail(f"deepseek2 key length {key} is not more than the rope dimension {rope}")
+    config.q_lora_rank = f.int("attention.q_lora_rank", None)
+    config.kv_lora_rank = f.int("attention.kv_lora_rank")
+    config.qk_nope_head_dim = key - rope
+    config.qk_rope_head_dim = rope
+    config.v_head_dim = value
+    config.moe_intermediate_size = f.int("expert_feed_forward_length")
+    config.n_routed_experts = f.int("expert_count")
+    config.num_experts_per_tok = f.int("expert_used_count")
+    config.n_shared_experts = f.int("expert_shared_count", 0, minimum=0)
+    config.n_group = f.int("expert_group_count", 1)
+    config.topk_group = f.int("expert_group_used_count", 1)
+    config.norm_topk_prob = f.bool("expert_weights_norm", False)
+    config.routed_scaling_factor = f.float("expert_weights_scale", 1.0)
+    config.first_k_dense_replace = f.int("leading_dense_block_count", 0, minimum=0)
+    config.rope_interleave = True
+    config.num_nextn_predict_layers = f.int("nextn_predict_layers", 0, minimum=0)
+    config.head_dim = rope
+    config.num_key_value_heads = config.num_attention_heads
+    if config.rope_scaling is not None and config.rope_scaling.get("rope_type") == "yarn":
+        log_mul = f.float("rope.scaling.yarn_log_multiplier", 0.0, positive=False)
+        if log_mul:
+            # DeepSeek's mscale and mscale_all_dim are equal; llama.cpp keeps only the latter
+            config.rope_scaling["mscale"] = config.rope_scaling["mscale_all_dim"] = log_mul / 0.1
+        for key_name, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            value = f.float(f"rope.scaling.{key_name}", 0.0, positive=False)
+            if value:
+                config.rope_scaling[name] = value
 
 
 def _reject_constant(name: str) -> Any:

@@ -13,6 +13,9 @@ def model_class(architecture: str):
     if architecture == "qwen2":
         from finback.models.qwen2 import Qwen2ForCausalLM
         return Qwen2ForCausalLM
+    if architecture == "deepseek_v3":
+        from finback.models.deepseek_v3 import DeepseekV3ForCausalLM
+        return DeepseekV3ForCausalLM
     raise ValueError(f"no model for architecture {architecture!r}")
 
 
