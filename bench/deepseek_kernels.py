@@ -110,7 +110,7 @@ def fp8_weight(*shape, gen):
     w = torch.empty(shape, dtype=torch.float8_e4m3fn, device="cuda")
     for mat in w.view(-1, *shape[-2:]):
         mat.copy_((torch.randn(shape[-2:], device="cuda", generator=gen) * 64).clamp(-448, 448))
-    s = (torch.rand(*shape[:-2], shape[-2] // 128, shape[-1] // 128, device="cuda", generator=gen) + 0.5)
+    s = (torch.rand(*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128), device="cuda", generator=gen) + 0.5)
     return w, s / (64 * shape[-1] ** 0.5)
 
 

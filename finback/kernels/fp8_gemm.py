@@ -120,7 +120,10 @@ if HAS_TRITON:
         inv_step = ((254 - step_exp) << 23).to(tl.float32, bitcast=True)
         q = y * inv_step                                     # exact: |q| < 16
         q = tl.abs((q + 12582912.0) - 12582912.0) * step     # 1.5 * 2^23: round to an integer, ties to even
-        return tl.where(y < 0, -q, q)                        # keep the sign of zeros, as a conversion does
+        # keep y's sign, zeros included (-0.0 as a conversion gives it): OR the sign bit into |q|
+        # (a select of -q and q lets the compiler drop the sign of a zero, as seen on sm_90)
+        sign = y.to(tl.int32, bitcast=True) & -2147483648
+        return (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _quant_group(x):
