@@ -16,7 +16,8 @@ import argparse
 import sys
 
 ENGINE_FLAGS = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                "seed", "kv_cache_space_gb", "tensor_parallel_size", "gpu_memory_utilization")
+                "seed", "kv_cache_space_gb", "tensor_parallel_size", "gpu_memory_utilization",
+                "pipeline_parallel_size", "distributed_executor_backend")
 
 
 def _engine_args(ns) -> dict:
@@ -53,6 +54,10 @@ def _add_engine_flags(p: argparse.ArgumentParser, note: str = "") -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--kv-cache-space-gb", type=float)
     g.add_argument("--tensor-parallel-size", type=int)
+    g.add_argument("--pipeline-parallel-size", type=int)
+    g.add_argument("--distributed-executor-backend", choices=["mp", "ray"],
+                   help="worker processes on this machine (mp, the default) or Ray actors on the cluster at "
+                        "RAY_ADDRESS (ray)")
     g.add_argument("--gpu-memory-utilization", type=float)
     g.add_argument("--no-prefix-caching", action="store_true")
 
@@ -271,6 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     _add_engine_flags(p, ": used if this command starts the server")
     p.set_defaults(func=cmd_generate)
+
+    from finback.cli.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
+
+    from finback.cli.doctor import add_parser as add_doctor_parser
+    from finback.cli.fit import add_parser as add_fit_parser
+
+    add_fit_parser(sub)
+    add_doctor_parser(sub)
     return parser
 
 

@@ -20,6 +20,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # "mp" (worker processes) | "ray"; None: mp when tp x pp > 1
     gpu_memory_utilization: float = 0.9
     kv_cache_space_gb: float | None = None    # CPU: KV cache size (vLLM's VLLM_CPU_KVCACHE_SPACE), default 4
     num_kv_blocks: int | None = None          # override the computed number of KV blocks (vLLM: num_gpu_blocks_override)
@@ -49,3 +50,5 @@ class EngineArgs:
              "parallel sizes must be >= 1")
         need(self.load_format in ("auto", "dummy"), "load_format must be auto or dummy")
         need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks must be >= 1")
+        need(self.distributed_executor_backend in (None, "mp", "ray"),
+             "distributed_executor_backend must be 'mp' or 'ray'")

@@ -18,7 +18,8 @@ from finback.engine.request import (CompletionOutput, Request, RequestOutput, Se
 from finback.engine.sampling import SamplingParams
 from finback.engine.scheduler import Scheduler, SchedulerConfig
 from finback.loader.checkpoint import open_checkpoint
-from finback.runtime.model_runner import ModelRunner, kv_bytes_per_token, resolve_device, resolve_dtype
+from finback.runtime.executor import make_executor
+from finback.runtime.model_runner import resolve_device, resolve_dtype
 
 log = logging.getLogger("finback.engine")
 
@@ -30,9 +31,6 @@ class PromptTooLong(ValueError):
 class LLMEngine:
     def __init__(self, args: EngineArgs):
         args.validate()
-        if args.tensor_parallel_size != 1 or args.pipeline_parallel_size != 1:
-            raise ValueError("tensor/pipeline parallelism needs the multi-GPU runtime, which is not "
-                             "built yet: use tensor_parallel_size=1, pipeline_parallel_size=1")
         self.args = args
         t0 = time.perf_counter_ns()
         self.device = resolve_device(args.device)
@@ -56,11 +54,16 @@ class LLMEngine:
                     self.tokenizer = Tokenizer.from_pretrained(checkpoint.path)
             self.gguf_metadata = checkpoint.gguf_metadata
             self.model_path = checkpoint.path
-            self.runner = ModelRunner(checkpoint, self.device, self.dtype, seed=args.seed,
-                                      keep_int4=args.keep_int4)
+            # one process (a ModelRunner) or tp x pp workers: finback/runtime/executor.py
+            self.executor = make_executor(args, checkpoint, self.device, self.dtype)
+            self.runner = getattr(self.executor, "runner", None)  # the in-process runner, if any
         finally:
             checkpoint.close()
-        self._setup_cache()
+        try:
+            self._setup_cache()
+        except BaseException:
+            self.executor.shutdown()
+            raise
         self.load_duration_ns = time.perf_counter_ns() - t0
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = self._eos_ids()
@@ -85,18 +88,11 @@ class LLMEngine:
 
     def _setup_cache(self) -> None:
         args, cfg = self.args, self.model_config
-        per_token = kv_bytes_per_token(self.runner.model, self.dtype)
-        per_block = per_token * args.block_size
         if args.num_kv_blocks is not None:
             num_blocks = args.num_kv_blocks
-        elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            used_by_others = total - free
-            budget = total * args.gpu_memory_utilization - used_by_others - (1 << 30)  # 1 GiB for activations
-            num_blocks = int(budget // per_block)
-        else:
-            space = (args.kv_cache_space_gb if args.kv_cache_space_gb is not None else 4.0) * (1 << 30)
-            num_blocks = int(space // per_block)
+        else:  # the fewest any worker can hold (per process: GPU memory left, or the CPU KV space)
+            num_blocks = self.executor.kv_blocks_that_fit(args.block_size, args.gpu_memory_utilization,
+                                                          args.kv_cache_space_gb)
         if num_blocks < 1:
             raise ValueError("no memory left for the KV cache: lower max_model_len or raise the "
                              "KV cache space / gpu_memory_utilization")
@@ -104,7 +100,7 @@ class LLMEngine:
         if args.max_model_len and args.max_model_len > cfg.max_position_embeddings:
             log.warning("max_model_len %d is beyond the model's context length %d",
                         args.max_model_len, cfg.max_position_embeddings)
-            self.runner.model.model.rotary.max_position = max_len
+            self.executor.set_max_position(max_len)
         capacity = num_blocks * args.block_size
         if max_len > capacity:
             if args.max_model_len:
@@ -116,7 +112,7 @@ class LLMEngine:
         batched = args.max_num_batched_tokens or max(2048, args.max_num_seqs)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, batched, max_len), self.block_manager)
-        self.runner.allocate_kv_cache(num_blocks, args.block_size)
+        self.executor.allocate_kv_cache(num_blocks, args.block_size)
 
     # -- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
@@ -140,15 +136,15 @@ class LLMEngine:
             p = params
             gen = None
             if params.seed is not None:
-                gen = torch.Generator(self.device).manual_seed(params.seed + i)
+                gen = torch.Generator(self.executor.generator_device).manual_seed(params.seed + i)
             seq = Sequence(req, i, p, gen)
             if p.json_mode or p.json_schema is not None:
                 if self.tokenizer is None or not self.tokenizer.byte_level:
                     raise ValueError("JSON mode needs the model's byte-level tokenizer")
                 from finback.engine.json_mode import JSONPrefix, SchemaPrefix, check_schema
 
-                if not self.runner.token_bytes:
-                    self.runner.token_bytes = self.tokenizer.token_bytes_table(False)
+                if not self.executor.token_bytes:
+                    self.executor.token_bytes = self.tokenizer.token_bytes_table(False)
                 if p.json_schema is not None:
                     seq.json_state = SchemaPrefix(check_schema(p.json_schema))
                 else:
@@ -194,7 +190,7 @@ class LLMEngine:
         except NoFreeBlocks:
             raise RuntimeError("no free KV blocks for the embedding now: try again") from None
         try:
-            hidden = self.runner.hidden_states(prompt_token_ids, table).float()
+            hidden = self.executor.hidden_states(prompt_token_ids, table).float()
         finally:
             bm.give_back(table)
         vec = hidden.mean(dim=0)
@@ -209,6 +205,10 @@ class LLMEngine:
     def num_unfinished(self) -> int:
         return len(self.requests)
 
+    def shutdown(self) -> None:
+        """Stop the executor's workers, if any (a single-process engine has nothing to stop)."""
+        self.executor.shutdown()
+
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
@@ -220,7 +220,7 @@ class LLMEngine:
             if m.first_scheduled_ns is None:
                 m.first_scheduled_ns = now
         tables = [self.block_manager.block_table(s.seq_id) for s in batch.seqs]
-        rows, out = self.runner.execute(batch, tables, self.eos_token_ids)
+        rows, out = self.executor.execute(batch, tables, self.eos_token_ids)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
             self.block_manager.commit(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
@@ -264,7 +264,7 @@ class LLMEngine:
         token = self._reasoning(seq, token)
         seq.token_ids.append(token)
         if seq.json_state is not None and token not in self.eos_token_ids:
-            seq.json_state.feed(self.runner.token_bytes[token])
+            seq.json_state.feed(self.executor.token_bytes[token])
         p = seq.params
         if lp is not None and seq.logprobs is not None:
             chosen, top = lp

@@ -19,7 +19,7 @@ from finback.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear
 from finback.layers.norm import RMSNorm
 from finback.layers.rotary import RotaryEmbedding
 from finback.loader.config import ModelConfig
-from finback.runtime.parallel import SINGLE, ParallelGroup
+from finback.runtime.parallel import SINGLE, WHOLE, ParallelGroup, PipelineStage, PPMissingLayer
 
 
 class LlamaMLP(nn.Module):
@@ -75,21 +75,34 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, group: ParallelGroup):
+    """With pipeline parallelism a stage builds only its layers (`stage.layer_range`); the embedding
+    lives on the first stage and the final norm on the last."""
+
+    def __init__(self, config: ModelConfig, group: ParallelGroup, stage: PipelineStage = WHOLE):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group)
+        self.stage = stage
+        self.start_layer, self.end_layer = stage.layer_range(config.num_hidden_layers)
+        self.embed_tokens = (VocabParallelEmbedding(config.vocab_size, config.hidden_size, group)
+                             if stage.is_first else None)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
                                       config.rope_scaling)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, group, self.rotary)
-                                    for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+                                    if self.start_layer <= i < self.end_layer else PPMissingLayer()
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if stage.is_last else None
 
-    def forward(self, input_ids, positions, meta):
-        x = self.embed_tokens(input_ids)
+    def forward(self, input_ids, positions, meta, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """The last stage returns normed hidden states; an earlier one (hidden, residual) for the
+        next stage, which passes them as `intermediate` (then input_ids is not read)."""
+        if intermediate is None:
+            x, residual = self.embed_tokens(input_ids), None
+        else:
+            x, residual = intermediate
         meta.cache["rope"] = self.rotary.cos_sin(positions, x.dtype)
-        residual = None
-        for layer in self.layers:
+        for layer in self.layers[self.start_layer:self.end_layer]:
             x, residual = layer(positions, x, residual, meta)
+        if self.norm is None:
+            return x, residual
         x, _ = self.norm(x, residual)
         return x
 
@@ -105,23 +118,37 @@ _STACKED = [
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, group: ParallelGroup = SINGLE):
+    supports_pp = True
+
+    def __init__(self, config: ModelConfig, group: ParallelGroup = SINGLE, stage: PipelineStage = WHOLE):
         super().__init__()
         self.config = config
         self.group = group
-        self.model = LlamaModel(config, group)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, group)
-        if config.tie_word_embeddings:
+        self.stage = stage
+        self.model = LlamaModel(config, group, stage)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, group) if stage.is_last else None
+        if config.tie_word_embeddings and stage.is_first and stage.is_last:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata):
-        return self.model(input_ids, positions, attn_metadata)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: AttentionMetadata,
+                intermediate: tuple[torch.Tensor, torch.Tensor] | None = None):
+        return self.model(input_ids, positions, attn_metadata, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)
 
     def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
+        return [layer.self_attn.attn for layer in self.model.layers[self.model.start_layer:self.model.end_layer]]
+
+    def _elsewhere(self, name: str) -> bool:
+        """A checkpoint tensor that another pipeline stage loads."""
+        m = self.model
+        if name.startswith("model.layers."):
+            i = int(name.split(".")[2])  # a layer past the config's count is unknown everywhere: not skipped
+            return i < self.config.num_hidden_layers and not m.start_layer <= i < m.end_layer
+        if name.startswith("model.embed_tokens."):
+            return m.embed_tokens is None
+        return name.startswith(("model.norm.", "lm_head.")) and self.lm_head is None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy checkpoint tensors (Hugging Face names, full unsplit shapes) into this rank's
@@ -136,6 +163,11 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb.inv_freq" in name:
                 continue
             if self.config.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            if (self.config.tie_word_embeddings and name == "model.embed_tokens.weight"
+                    and self.lm_head is not None and self.model.embed_tokens is None):
+                name = "lm_head.weight"  # the last stage's own copy of the tied embedding
+            elif self._elsewhere(name):
                 continue
             shard = None
             target = name

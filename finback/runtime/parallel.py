@@ -46,3 +46,40 @@ class ParallelGroup:
 
 
 SINGLE = ParallelGroup()
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """This rank's place in the pipeline: stage `rank` of `size` builds only its slice of the
+    decoder layers; the first stage also holds the embedding, the last the final norm and LM head."""
+
+    rank: int = 0
+    size: int = 1
+
+    def __post_init__(self):
+        if self.size < 1 or not 0 <= self.rank < self.size:
+            raise ValueError(f"bad pipeline stage: {self.rank} of {self.size}")
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.size - 1
+
+    def layer_range(self, num_layers: int) -> tuple[int, int]:
+        """[start, end) of the layers this stage runs: an even split, the first stages taking one
+        more when it does not divide (the last stage also runs the LM head)."""
+        if num_layers < self.size:
+            raise ValueError(f"{num_layers} layers cannot be split over {self.size} pipeline stages")
+        base, extra = divmod(num_layers, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (1 if self.rank < extra else 0)
+
+
+WHOLE = PipelineStage()
+
+
+class PPMissingLayer(torch.nn.Module):
+    """The place of a layer that another pipeline stage holds (keeps layer indices = checkpoint names)."""

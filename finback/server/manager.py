@@ -112,6 +112,9 @@ class ModelManager:
         kwargs = dict(self.engine_kwargs)
         if "num_ctx" in params and "max_model_len" not in kwargs:
             kwargs["max_model_len"] = int(params["num_ctx"])
+        from finback.hardware.fit import check_engine_fits
+
+        check_engine_fits(path, kwargs)  # a model that cannot fit is refused here, with the planner's table
         engine = AsyncEngine.from_engine_args(EngineArgs.from_kwargs(path, **kwargs))
         tok = engine.tokenizer
         template, kind = None, "none"
@@ -137,6 +140,7 @@ class ModelManager:
         if model is None:
             return False
         model.engine.shutdown()
+        model.engine.engine.shutdown()  # its worker processes, when tensor/pipeline parallel
         return True
 
     def unload_name(self, name: str) -> bool:
