@@ -12,8 +12,18 @@ sampler. Prints one table:
                            (every parameter, as the issue counts it) at the device copy bandwidth
                            measured in this run (2 x bytes / time of a 1 GiB device-to-device copy)
 
+GGUF rows (`--gguf Q4_K_M,Q8_0`): the same shapes written as GGUF files of random valid blocks
+(finback/loader/random_blocks.py) in llama.cpp's recipe for that type (Q4_K_M: Q4_K, with Q6_K for
+attn_v and ffn_down in the layers llama.cpp's use_more_bits picks and for output.weight), to
+--gguf-dir (default /tmp), then loaded through the engine as any GGUF is: the blocks stay on the GPU
+and the linear layers read them with the GGUF kernels (the embedding and LM head are dequantized at
+load). `--gguf-files a.gguf,b.gguf` times given files instead (F16/BF16 files load in --dtype).
+"weights GB" is what the model holds on the device (parameters + GGUF blocks).
+
 Run on the GPU machine:  python bench/decode.py [--models 1.5b,7b,8b] [--quick] [--eager]
-Needs only torch (+ triton for the Triton kernels) and this repository.
+                         python bench/decode.py --models 1.5b,7b --gguf Q4_K_M,Q8_0 [--no-bf16]
+                         python bench/decode.py --gguf-files 1.5b-f16.gguf,1.5b-q4_k_m.gguf [--json out.json]
+Needs only torch (+ triton for the Triton kernels), numpy, the gguf package and this repository.
 """
 
 from __future__ import annotations
@@ -78,6 +88,96 @@ def build_engine(shape: str, enforce_eager: bool, max_num_seqs: int) -> LLMEngin
                       device="cuda", max_model_len=2048, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
                       gpu_memory_utilization=0.85)
     return LLMEngine(args)
+
+
+def build_engine_from_file(path: str, enforce_eager: bool, max_num_seqs: int, dtype: str = "bfloat16",
+                           device: str = "cuda") -> LLMEngine:
+    args = EngineArgs(model=path, skip_tokenizer_init=True, dtype=dtype, device=device, max_model_len=2048,
+                      max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, gpu_memory_utilization=0.85)
+    return LLMEngine(args)
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's choice of the layers whose attn_v / ffn_down get more bits in the *_K_M types."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def recipe(qtype_name: str, tensor: str, layer: int, n_layers: int) -> str:
+    """The GGUF type llama-quantize gives a 2-D tensor of a Qwen2/Llama model for a file type (only
+    for shapes whose rows are whole 256-value blocks, as every R1-Distill tensor's are)."""
+    if qtype_name == "Q8_0":
+        return "Q8_0"
+    if qtype_name != "Q4_K_M":
+        raise ValueError(f"no recipe for {qtype_name} (choose Q4_K_M or Q8_0)")
+    if tensor == "output":
+        return "Q6_K"
+    if tensor in ("attn_v", "ffn_down") and use_more_bits(layer, n_layers):
+        return "Q6_K"
+    return "Q4_K"
+
+
+def write_random_gguf(shape: str, qtype_name: str, path: str) -> str:
+    """A GGUF of SHAPES[shape] (qwen2 / llama) with random valid blocks in `qtype_name`'s recipe. One
+    block tensor per (type, shape) is made and written for every layer that uses it (speed is what is
+    measured, not the values). No tokenizer: the engine runs with skip_tokenizer_init."""
+    import gguf
+    import numpy as np
+
+    from finback.loader.random_blocks import random_blocks
+
+    c = SHAPES[shape]
+    arch = "qwen2" if c["model_type"] == "qwen2" else "llama"
+    hidden, n_layers, heads, kv_heads = (c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
+                                         c["num_key_value_heads"])
+    head_dim, vocab, ffn = hidden // heads, c["vocab_size"], c["intermediate_size"]
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(f"random {NAMES[shape]} {qtype_name}")
+    w.add_block_count(n_layers)
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(float(c["rope_theta"]))
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    if arch == "llama":
+        w.add_rope_dimension_count(head_dim)
+    gen = torch.Generator().manual_seed(0)
+    cache: dict[tuple[str, int, int], np.ndarray] = {}
+
+    def blocks(tname: str, rows: int, cols: int) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+        qt = gguf.GGMLQuantizationType[tname]
+        if (tname, rows, cols) not in cache:
+            cache[tname, rows, cols] = random_blocks(qt, (rows, cols), gen).numpy()
+        return cache[tname, rows, cols], qt
+
+    def add(name: str, tensor: str, layer: int, rows: int, cols: int) -> None:
+        data, qt = blocks(recipe(qtype_name, tensor, layer, n_layers), rows, cols)
+        w.add_tensor(name, data, raw_dtype=qt)
+
+    ones = np.ones(hidden, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    add("token_embd.weight", "token_embd", 0, vocab, hidden)
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", ones)
+        for part, rows in (("attn_q", heads * head_dim), ("attn_k", kv_heads * head_dim),
+                           ("attn_v", kv_heads * head_dim)):
+            add(p + part + ".weight", part, i, rows, hidden)
+            if arch == "qwen2":
+                w.add_tensor(p + part + ".bias", (rng.standard_normal(rows) * 0.02).astype(np.float32))
+        add(p + "attn_output.weight", "attn_output", i, hidden, heads * head_dim)
+        w.add_tensor(p + "ffn_norm.weight", ones)
+        add(p + "ffn_gate.weight", "ffn_gate", i, ffn, hidden)
+        add(p + "ffn_up.weight", "ffn_up", i, ffn, hidden)
+        add(p + "ffn_down.weight", "ffn_down", i, hidden, ffn)
+    w.add_tensor("output_norm.weight", ones)
+    add("output.weight", "output", 0, vocab, hidden)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -160,7 +260,36 @@ def profile_prefill(engine: LLMEngine, length: int = 512) -> None:
 
 
 def param_bytes(engine: LLMEngine) -> int:
-    return sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    """Bytes of weights the model holds on the device: parameters plus GGUF blocks (linear parts and
+    stacked experts)."""
+    model = engine.runner.model
+    n = sum(p.numel() * p.element_size() for p in model.parameters())
+    for m in model.modules():
+        n += sum(w.nbytes for _, w in getattr(m, "gguf_parts", ()))
+        n += sum(w.nbytes for w in (getattr(m, "gguf_experts", None) or {}).values())
+    return n
+
+
+def run_one(name: str, make, a, conc: list[int], gen: int, bw: float) -> dict:
+    t = time.perf_counter()
+    engine = make()
+    setup = time.perf_counter() - t
+    wbytes = param_bytes(engine)
+    decode_tok_s(engine, 1, gen=8, seed=99)  # warm-up (Triton compiles, allocator)
+    b1 = decode_tok_s(engine, 1, gen=gen)
+    at = {c: decode_tok_s(engine, c, gen=gen, seed=c) for c in conc}
+    pf = prefill_tok_s(engine)
+    roof = bw / wbytes
+    if a.profile:
+        print("  " + gpu_split(engine, b1), flush=True)
+        profile_prefill(engine)
+    print(f"{name}: setup {setup:.1f}s, batch-1 {b1:.1f} tok/s ({b1 / roof:.0%} of {roof:.0f}), "
+          + ", ".join(f"{c}: {v:.0f}" for c, v in at.items()) + f", prefill512 {pf:.0f} tok/s", flush=True)
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"model": name, "weight_bytes": wbytes, "batch1": b1, "roofline": roof, "concurrent": at,
+            "prefill512": pf, "setup_s": setup}
 
 
 def main() -> None:
@@ -170,42 +299,55 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="32 generated tokens instead of 128")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (enforce_eager)")
     ap.add_argument("--profile", action="store_true", help="also print where the time goes")
+    ap.add_argument("--gguf", default="", help="GGUF rows too: file types to write and time (Q4_K_M,Q8_0)")
+    ap.add_argument("--gguf-dir", default="/tmp", help="where --gguf writes its files")
+    ap.add_argument("--no-bf16", action="store_true", help="skip the dummy bf16 rows")
+    ap.add_argument("--gguf-files", default="", help="time these GGUF files (comma-separated) instead")
+    ap.add_argument("--dtype", default="bfloat16", help="compute dtype for GGUF files (F16 files: bf16 or f16)")
+    ap.add_argument("--json", default="", help="also write the rows as JSON to this path")
     a = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
     gen = 32 if a.quick else 128
     conc = [int(c) for c in a.concurrency.split(",") if c]
+    seqs = max(conc + [1])
     print(f"device: {torch.cuda.get_device_name(dev)}; copy bandwidth {bw / 1e12:.2f} TB/s; torch {torch.__version__}"
           f"; CUDA graphs {'off' if a.eager else 'on'}; 128-token prompts, {gen} generated", flush=True)
-    rows = []
-    for shape in a.models.split(","):
-        t = time.perf_counter()
-        engine = build_engine(shape, a.eager, max(conc + [1]))
-        setup = time.perf_counter() - t
-        wbytes = param_bytes(engine)
-        decode_tok_s(engine, 1, gen=8, seed=99)  # warm-up (Triton compiles, allocator)
-        b1 = decode_tok_s(engine, 1, gen=gen)
-        at = {c: decode_tok_s(engine, c, gen=gen, seed=c) for c in conc}
-        pf = prefill_tok_s(engine)
-        roof = bw / wbytes
-        rows.append((NAMES[shape], wbytes, b1, roof, at, pf, setup))
-        if a.profile:
-            print("  " + gpu_split(engine, b1), flush=True)
-            profile_prefill(engine)
-        print(f"{NAMES[shape]}: setup {setup:.1f}s, batch-1 {b1:.1f} tok/s ({b1 / roof:.0%} of {roof:.0f}), "
-              + ", ".join(f"{c}: {v:.0f}" for c, v in at.items()) + f", prefill512 {pf:.0f} tok/s", flush=True)
-        del engine
-        gc.collect()
-        torch.cuda.empty_cache()
+    jobs = []  # (row name, engine factory)
+    if a.gguf_files:
+        for path in a.gguf_files.split(","):
+            jobs.append((os.path.basename(path), lambda p=path: build_engine_from_file(p, a.eager, seqs, a.dtype)))
+    else:
+        for shape in a.models.split(","):
+            if not a.no_bf16:
+                jobs.append((f"{NAMES[shape]} bf16", lambda s=shape: build_engine(s, a.eager, seqs)))
+            for qt in (q for q in a.gguf.split(",") if q):
+                def make(s=shape, qt=qt):
+                    path = os.path.join(a.gguf_dir, f"finback-{NAMES[s]}-{qt.lower()}.gguf")
+                    t = time.perf_counter()
+                    write_random_gguf(s, qt, path)
+                    print(f"  wrote {path} ({os.path.getsize(path) / 1e9:.2f} GB) in {time.perf_counter() - t:.0f}s",
+                          flush=True)
+                    try:
+                        return build_engine_from_file(path, a.eager, seqs, a.dtype)
+                    finally:
+                        os.remove(path)  # the engine holds the blocks on the GPU now
+                jobs.append((f"{NAMES[shape]} {qt}", make))
+    rows = [run_one(name, make, a, conc, gen, bw) for name, make in jobs]
     head = ["model", "weights GB", "batch-1 tok/s", "roofline tok/s", "of roofline"] + \
         [f"{c} conc tok/s" for c in conc] + ["prefill512 tok/s"]
     print()
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for name, wb, b1, roof, at, pf, _ in rows:
-        cells = [name, f"{wb / 1e9:.2f}", f"{b1:.1f}", f"{roof:.0f}", f"{b1 / roof:.0%}"] + \
-            [f"{at[c]:.0f}" for c in conc] + [f"{pf:.0f}"]
+    for r in rows:
+        cells = [r["model"], f"{r['weight_bytes'] / 1e9:.2f}", f"{r['batch1']:.1f}", f"{r['roofline']:.0f}",
+                 f"{r['batch1'] / r['roofline']:.0%}"] + [f"{r['concurrent'][c]:.0f}" for c in conc] + \
+            [f"{r['prefill512']:.0f}"]
         print("| " + " | ".join(cells) + " |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(dev), "copy_bandwidth": bw, "generated": gen,
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
