@@ -5,6 +5,12 @@ row-parallel layers split the input features (each rank computes a partial sum, 
 Every parameter carries a `weight_loader(param, loaded, shard_id=None)` that takes the full,
 unsplit checkpoint tensor and copies this rank's slice into place, so loaders never know about
 ranks.
+
+Block-FP8 weights (DeepSeek-V3's checkpoints, finback/loader/fp8.py): a layer switched to them with
+`use_block_fp8()` stores `weight` as e4m3 [N, K] and `weight_scale_inv` fp32 scales of 128x128
+blocks, and multiplies through `finback.kernels.fp8_gemm.fp8_block_linear`. The parts a checkpoint
+loads separately (gate and up) share one scale grid when they start on block boundaries, else each
+part keeps its own rows of scales. A layer not switched dequantizes a `BlockFP8Tensor` at load.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from torch import nn
 
 from finback.layers.gguf_linear import GGUFWeight, gguf_matmul
 from finback.layers.quantized import Int4Tensor, int4_matmul, kernel_takes, pack
+from finback.loader.fp8 import BlockFP8Tensor
 from finback.runtime.parallel import SINGLE, ParallelGroup
 
 
@@ -56,13 +63,107 @@ class _Linear(nn.Module):
         # (first output row, GGUFWeight): the weight as GGUF blocks, each part possibly of another type
         # (Q4_K_M: Q4_K q/k, Q6_K v); once they cover every row the dense weight is dropped
         self.gguf_parts: list[tuple[int, GGUFWeight]] = []
+        # block FP8 (use_block_fp8): (first row, rows, first row of its scales) per scale grid
+        self.params_dtype = dtype
+        self.fp8_block: tuple[int, int] | None = None
+        self.fp8_groups: list[tuple[int, int, int]] | None = None
+
+    def use_block_fp8(self, block: tuple[int, int] = (128, 128)) -> None:
+        """Store the weight as block FP8 from now on (before loading; the dense weight is freed)."""
+        from finback.kernels.fp8_gemm import FP8_BLOCK
+
+        if tuple(block) != (FP8_BLOCK, FP8_BLOCK):
+            raise ValueError(f"block FP8 layers take {FP8_BLOCK}x{FP8_BLOCK} blocks, got {tuple(block)}")
+        bn, bk = block
+        n, k = self.out_features, self.in_features
+        sizes = getattr(self, "output_sizes", None)
+        if sizes is None and hasattr(self, "kv_size"):
+            sizes = [self.q_size, self.kv_size, self.kv_size]
+        sizes = sizes or [n]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        if all(s % bn == 0 for s in starts):
+            self.fp8_groups = [(0, n, 0)]
+        else:
+            self.fp8_groups, row = [], 0
+            for s, m in zip(starts, sizes):
+                self.fp8_groups.append((s, m, row))
+                row += -(-m // bn)
+        rows = sum(-(-m // bn) for _, m, _ in self.fp8_groups)
+        device = self.weight.device
+        self.fp8_block = (bn, bk)
+        self.weight.data = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=device)
+        self.weight_scale_inv = nn.Parameter(torch.empty(rows, -(-k // bk), dtype=torch.float32, device=device),
+                                             requires_grad=False)
+        self.weight.fp8_scale = self.weight_scale_inv  # for load_format=dummy
+
+    def _place_fp8(self, src: BlockFP8Tensor, dst_start: int) -> None:
+        """Copy a block FP8 part (whole columns of this rank) to rows dst_start.. and its scales."""
+        bn = self.fp8_block[0]
+        rows = src.shape[0]
+        if src.block != self.fp8_block or src.shape[1] != self.in_features:
+            raise ShapeMismatch(f"block FP8 part {tuple(src.shape)} in {src.block} blocks does not fit a weight of "
+                                f"{self.in_features} columns in {self.fp8_block} blocks")
+        for start, n, scale_row in self.fp8_groups:
+            if start <= dst_start and dst_start + rows <= start + n and (dst_start - start) % bn == 0:
+                self.weight.data[dst_start:dst_start + rows].copy_(src.weight)
+                first = scale_row + (dst_start - start) // bn
+                self.weight_scale_inv.data[first:first + src.scale_inv.shape[0]].copy_(src.scale_inv)
+                return
+        raise ShapeMismatch(f"rows {dst_start}..{dst_start + rows} of a block FP8 weight do not start on a "
+                            f"{bn}-row block of their part")
+
+    def _drop_fp8(self) -> None:
+        """A dense part arrived for a block FP8 weight: the whole weight becomes dense (what was
+        loaded so far is dequantized)."""
+        dense = torch.empty(self.out_features, self.in_features, dtype=self.params_dtype, device=self.weight.device)
+        for start, n, scale_row in self.fp8_groups:
+            src = BlockFP8Tensor(self.weight.data[start:start + n],
+                                 self.weight_scale_inv.data[scale_row:scale_row + -(-n // self.fp8_block[0])],
+                                 self.fp8_block)
+            dense[start:start + n] = src.dequantize(self.params_dtype)
+        self.weight.data = dense
+        self.weight_scale_inv.data = torch.empty(0, dtype=torch.float32, device=dense.device)
+        self.fp8_groups = None
+
+    def _fp8_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from finback.kernels.fp8_gemm import (
+            FP8_BLOCK,
+            fp8_block_dequant,
+            fp8_block_linear,
+            supports_fp8_dot,
+        )
+
+        def one(w, s):
+            if w.shape[1] % FP8_BLOCK and supports_fp8_dot(x.device):  # the FP8 GEMM takes whole K blocks
+                return x @ fp8_block_dequant(w, s, dtype=x.dtype).t()
+            return fp8_block_linear(x, w, s)
+
+        w, s, bn = self.weight, self.weight_scale_inv, self.fp8_block[0]
+        if len(self.fp8_groups) == 1:
+            y = one(w, s)
+        else:
+            y = x.new_empty(*x.shape[:-1], self.out_features)
+            for start, n, scale_row in self.fp8_groups:
+                y[..., start:start + n] = one(w[start:start + n], s[scale_row:scale_row + -(-n // bn)])
+        return y if bias is None else y + bias
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         raise NotImplementedError
 
     def _place(self, param, loaded, dim: int, dst_start: int, length: int, src_start: int) -> None:
         """Copy loaded[src_start:src_start+length] (along dim) to param[dst_start:...]."""
-        src = loaded.narrow(dim, src_start, length)
+        fp8 = self.fp8_groups is not None and param is self.weight
+        if isinstance(loaded, BlockFP8Tensor) and not fp8:
+            loaded = loaded.dequantize(param.dtype)  # a layer not built for block FP8 (or a bias)
+        try:
+            src = loaded.narrow(dim, src_start, length)
+        except ValueError as exc:  # block FP8 split off its blocks
+            raise ShapeMismatch(str(exc)) from None
+        if fp8:
+            if isinstance(src, BlockFP8Tensor) and dim == 0:
+                self._place_fp8(src, dst_start)
+                return
+            self._drop_fp8()
         if isinstance(src, GGUFWeight) and param is self.weight and dim == 0 and not self._dense_parts:
             self.gguf_parts.append((dst_start, src.to(param.device)))
             if sum(w.shape[0] for _, w in self.gguf_parts) == self.out_features:
@@ -111,6 +212,8 @@ class _Linear(nn.Module):
         return True
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fp8_groups is not None:
+            return self._fp8_matmul(x, bias)
         if self.gguf_parts and self.weight.numel() == 0:
             x2 = x.reshape(-1, x.shape[-1])
             y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
@@ -229,7 +332,13 @@ class RowParallelLinear(_Linear):
             return
         _check_shape("weight", loaded, (param.shape[0], self.full_in))
         n = param.shape[1]
-        if isinstance(loaded, (Int4Tensor, GGUFWeight)):
+        if isinstance(loaded, BlockFP8Tensor) and self.fp8_groups is not None:
+            try:
+                loaded = loaded.narrow(1, self.group.rank * n, n)  # whole 128-column blocks
+            except ValueError as exc:
+                raise ShapeMismatch(str(exc)) from None
+            self._place(param, loaded, 0, 0, param.shape[0], 0)
+        elif isinstance(loaded, (Int4Tensor, GGUFWeight)):
             loaded = loaded.narrow(1, self.group.rank * n, n)  # whole groups of 32 / whole blocks
             self._place(param, loaded, 0, 0, param.shape[0], 0)
         else:

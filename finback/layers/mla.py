@@ -23,6 +23,13 @@ kernel on CUDA (`finback.kernels.mla_decode.mla_decode`): (q_latent [B,H,L], q_p
 
 With a parallel group the heads are split over the ranks (q_b_proj, kv_b_proj column-parallel,
 o_proj row-parallel); the down projections and the latent cache are replicated.
+
+CUDA graphs: the per-step index tensors are built on the host (`_plan`) except for a batch of
+one-token queries whose tables the attention backend already put on the device (the Triton
+backend's `prepare`, and `prepare_static` for a captured decode step: static buffers, padded rows
+with slot -1 and seq_len 0). Then the step reads only device tensors: the latent is stored with the
+Triton `write_kv` (which skips slot -1) and every row goes through the absorbed decode kernel, whose
+grid depends on shapes only; padded rows come out as zeros.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from finback.layers.linear import ColumnParallelLinear, RowParallelLinear, _chec
 from finback.layers.norm import RMSNorm
 from finback.layers.quantized import Int4Tensor
 from finback.layers.rotary import RotaryEmbedding
+from finback.loader.fp8 import BlockFP8Tensor
 from finback.runtime.parallel import SINGLE, ParallelGroup
 
 LORA_NORM_EPS = 1e-6  # DeepSeek's q_a_layernorm / kv_a_layernorm use RMSNorm's default, not the config's
@@ -51,9 +59,10 @@ def mla_decode_ref(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
     _, bs, width = kv_cache.shape
     slots = block_tables.shape[1] * bs
     kv = kv_cache[block_tables.long()].reshape(b, slots, width).to(q_latent.dtype)   # [B, S, L+R]
+    valid = torch.arange(slots, device=kv.device)[None, :] < seq_lens.to(kv.device).long()[:, None]   # [B, S]
+    kv = kv.masked_fill(~valid[..., None], 0)  # slots never written hold garbage (NaN too): 0 * NaN is NaN
     c, k_pe = kv[..., :lat], kv[..., lat:]
     scores = (torch.matmul(q_latent, c.transpose(1, 2)) + torch.matmul(q_pe, k_pe.transpose(1, 2))).float()
-    valid = torch.arange(slots, device=kv.device)[None, :] < seq_lens.to(kv.device).long()[:, None]   # [B, S]
     scores = (scores * scale).masked_fill(~valid[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)   # all-masked (padding) rows -> 0
     return torch.matmul(probs.to(q_latent.dtype), c)
@@ -79,6 +88,8 @@ class LatentUpProjection(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         if isinstance(loaded, Int4Tensor):
             loaded = loaded.dequantize()
+        elif isinstance(loaded, BlockFP8Tensor):  # read per head by decode: kept dense
+            loaded = loaded.dequantize(param.dtype)
         h0, hn = self.group.rank * self.num_heads, self.num_heads
         per_head = param.data.view(hn, self.nope + self.v, self.rank)
         if shard_id is None:
@@ -108,6 +119,13 @@ def _plan(meta: AttentionMetadata, block_size: int, device: torch.device) -> dic
     prefix) and the decode rows (block tables and lengths as the decode kernel takes them)."""
     plan = meta.cache.get("mla")
     if plan is not None:
+        return plan
+    d = meta.cache.get("decode")
+    if d is not None and d["tok"] is None and meta.cache.get("prefill") is None:
+        # every row a one-token query, tables already on the device (static under CUDA graphs)
+        plan = {"prefill": [], "decode_tok": None, "all_decode": True, "block_tables": d["block_tables"],
+                "seq_lens": d["seq_lens"]}
+        meta.cache["mla"] = plan
         return plan
     prefill, decode_rows, decode_tok = [], [], []
     start = 0
@@ -181,9 +199,20 @@ class MLAAttention(nn.Module):
         k_pe = k_pe.squeeze(1)
         nb, bs, width = self.kv_cache.shape
         flat = self.kv_cache.view(nb * bs, width)
-        flat.index_copy_(0, meta.slot_mapping, torch.cat([latent, k_pe], dim=-1).to(flat.dtype))
+        entry = torch.cat([latent, k_pe], dim=-1)
+        if use_triton(x):  # graph-safe: slot -1 (padding) is skipped on the device
+            from finback.kernels.attention import write_kv
+
+            rows, cache = entry.view(t, 1, width), self.kv_cache.view(nb, bs, 1, width)
+            write_kv(rows, rows, cache, cache, meta.slot_mapping)  # one cache: "k" and "v" are the same row
+        else:
+            keep = meta.slot_mapping >= 0
+            flat.index_copy_(0, meta.slot_mapping[keep], entry[keep].to(flat.dtype))
 
         plan = _plan(meta, bs, x.device)
+        if plan.get("all_decode"):
+            out = self._decode(q_nope, q_pe, plan["block_tables"], plan["seq_lens"])
+            return self.o_proj(out.reshape(t, h * self.v))
         out = x.new_empty(t, h, self.v)
         for e in plan["prefill"]:
             s, n = e["start"], e["q_len"]

@@ -14,6 +14,16 @@ I of every expert, so the output is a partial sum the caller all-reduces (once, 
 shared experts). On CUDA the routed experts run H5's fused kernel
 `finback.kernels.fused_moe.fused_moe(x, w13, w2, topk_weights, topk_ids)`; `fused_moe_ref` here has
 the same signature and is the CPU path.
+
+Block-FP8 experts (DeepSeek-V3's checkpoints kept as they are: `BlockFP8FusedMoE`) store w13 / w2 as
+e4m3 with fp32 scales per 128x128 block, w13_scale_inv [E, 2I/128, H/128] and w2_scale_inv
+[E, H/128, I/128], and run the same kernel's FP8 path on CUDA; on CPU each routed expert is
+dequantized when a token needs it, which gives what the dequantized-at-load weights give.
+
+GGUF experts (llama.cpp's ffn_{gate,up,down}_exps of any block type, `finback/layers/gguf_moe.py`):
+when all three stacks come as `GGUFExperts` (the checkpoint's gguf_blocks mode) `FusedMoE` keeps this
+rank's slice of each as blocks, frees its dense stacks, and runs the routed experts with the GGUF
+expert kernel (CUDA) or by dequantizing each routed expert per call (CPU); see `_gguf_or_dense`.
 """
 
 from __future__ import annotations
@@ -24,8 +34,10 @@ from torch import nn
 
 from finback.kernels import use_triton
 from finback.layers.activation import silu_and_mul
+from finback.layers.gguf_moe import GGUFExperts, experts_forward
 from finback.layers.linear import ShapeMismatch, _check_shape
 from finback.layers.quantized import Int4Tensor
+from finback.loader.fp8 import BlockFP8Tensor
 from finback.runtime.parallel import SINGLE, ParallelGroup
 
 
@@ -51,10 +63,16 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
     """x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_weights [T, k], topk_ids [T, k] -> [T, H]:
     sum over k of weight * expert(x). Loops over the experts that have tokens; accumulates in
     float32."""
+    return _expert_loop(x, topk_weights, topk_ids, w13.shape[0], lambda e: (w13[e], w2[e]))
+
+
+def _expert_loop(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
+                 expert_weights) -> torch.Tensor:
+    """fused_moe_ref's loop, with `expert_weights(e) -> (w13[e], w2[e])` in x's dtype."""
     t, k = topk_ids.shape
     flat = topk_ids.reshape(-1).long()
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
     weights = topk_weights.reshape(-1).float()
     out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
     start = 0
@@ -64,7 +82,8 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         pairs = order[start:start + n]
         start += n
         rows = pairs // k
-        h = F.linear(silu_and_mul(F.linear(x[rows], w13[expert])), w2[expert])
+        w13, w2 = expert_weights(expert)
+        h = F.linear(silu_and_mul(F.linear(x[rows], w13)), w2)
         out.index_add_(0, rows, h.float() * weights[pairs, None])
     return out.to(x.dtype)
 
@@ -116,19 +135,31 @@ class FusedMoE(nn.Module):
                                requires_grad=False)
         self.w13.weight_loader = self.weight_loader
         self.w2.weight_loader = self.weight_loader
+        self.gguf_experts: dict[str, GGUFExperts] = {}  # part -> this rank's stack kept as GGUF blocks
+        self._dense_experts = False  # a part was loaded dense: every part is
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
+    def _check_part(self, param: nn.Parameter, loaded, shard_id) -> tuple[int | None, str]:
         if not (isinstance(shard_id, tuple) and len(shard_id) == 2 and shard_id[1] in ("gate", "up", "down")):
             raise ValueError(f"FusedMoE shard must be (expert or None, 'gate'|'up'|'down'), got {shard_id!r}")
         expert, part = shard_id
         if (part == "down") != (param is self.w2):
             raise ValueError(f"expert part {part!r} does not go into this parameter")
-        h, i, n = self.hidden_size, self.full_intermediate, self.intermediate
+        h, i = self.hidden_size, self.full_intermediate
         one = (h, i) if part == "down" else (i, h)
         expected = one if expert is not None else (self.num_experts, *one)
         _check_shape(f"experts {part}_proj", loaded, expected)
         if expert is not None and not 0 <= expert < self.num_experts:
             raise ShapeMismatch(f"expert {expert} is beyond the {self.num_experts} experts of the config")
+        return expert, part
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
+        expert, part = self._check_part(param, loaded, shard_id)
+        loaded = self._gguf_or_dense(expert, part, loaded)
+        if loaded is None:  # kept as GGUF blocks
+            return
+        if isinstance(loaded, BlockFP8Tensor):  # dense experts: dequantized at load
+            loaded = loaded.dequantize(param.dtype)
+        n = self.intermediate
         dst = param.data if expert is None else param.data[expert]
         r = self.group.rank
         if part == "down":
@@ -138,7 +169,99 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum of the routed experts' output, [T, H]."""
+        if self.gguf_experts:
+            return self._forward_gguf(x, topk_weights, topk_ids)
         if use_triton(x):
             from finback.kernels.fused_moe import fused_moe
             return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
         return fused_moe_ref(x, self.w13, self.w2, topk_weights, topk_ids)
+
+    # ------------------------------------------------------------------ GGUF experts (gguf_moe.py)
+
+    def _gguf_or_dense(self, expert: int | None, part: str, loaded):
+        """GGUF stacks stay blocks (this rank's slice, on the experts' device; where the dense stacks were
+        built on the meta device, on the device the blocks come on) while every part comes as blocks;
+        once all three are held the dense stacks are freed. A dense part, or a block part after one,
+        makes the experts dense: the parts held as blocks are dequantized into place. Returns what the
+        dense path still has to copy, or None when the part was kept as blocks."""
+        n = self.intermediate
+        if isinstance(loaded, GGUFExperts) and expert is None and not self._dense_experts:
+            r = self.group.rank
+            try:
+                kept = loaded.narrow(2 if part == "down" else 1, r * n, n)
+            except ValueError as exc:  # a rank's slice of down that is not whole blocks
+                raise ShapeMismatch(f"experts {part}_proj: {exc}") from None
+            self.gguf_experts[part] = kept if self.w2.is_meta else kept.to(self.w2.device)
+            if len(self.gguf_experts) == 3:
+                for p in (self.w13, self.w2):
+                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            return None
+        self._dense_experts = True
+        held, self.gguf_experts = self.gguf_experts, {}
+        for q, w in held.items():
+            dst = self.w2.data if q == "down" else self.w13.data.narrow(1, 0 if q == "gate" else n, n)
+            dst.copy_(w.dequantize(dst.dtype))
+        return loaded.dequantize(self.w13.dtype) if isinstance(loaded, GGUFExperts) else loaded
+
+    def _forward_gguf(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        g = self.gguf_experts
+        return experts_forward(x, g["gate"], g["up"], g["down"], topk_weights, topk_ids)
+
+
+class BlockFP8FusedMoE(FusedMoE):
+    """The routed experts kept as block FP8 (see the module docstring): w13 / w2 float8_e4m3fn with
+    w13_scale_inv / w2_scale_inv. Loads Hugging Face per-expert `BlockFP8Tensor`s; this rank's slice
+    of I must be whole 128-blocks, as must H."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 group: ParallelGroup = SINGLE, block: tuple[int, int] = (128, 128)):
+        from finback.kernels.fp8_gemm import FP8_BLOCK
+
+        super().__init__(num_experts, hidden_size, intermediate_size, group, params_dtype=torch.float8_e4m3fn)
+        if tuple(block) != (FP8_BLOCK, FP8_BLOCK) or hidden_size % FP8_BLOCK or self.intermediate % FP8_BLOCK:
+            raise ValueError(f"block FP8 experts need {FP8_BLOCK}x{FP8_BLOCK} blocks and hidden size and per-rank "
+                             f"intermediate size multiples of {FP8_BLOCK}; got {tuple(block)}, H={hidden_size}, "
+                             f"I={self.intermediate}")
+        self.block = tuple(block)
+        e, hb, ib = num_experts, hidden_size // FP8_BLOCK, self.intermediate // FP8_BLOCK
+        self.w13_scale_inv = nn.Parameter(torch.empty(e, 2 * ib, hb, dtype=torch.float32), requires_grad=False)
+        self.w2_scale_inv = nn.Parameter(torch.empty(e, hb, ib, dtype=torch.float32), requires_grad=False)
+        self.w13.fp8_scale = self.w13_scale_inv  # for load_format=dummy
+        self.w2.fp8_scale = self.w2_scale_inv
+
+    @staticmethod
+    def supports(hidden_size: int, intermediate_size: int, group: ParallelGroup, block) -> bool:
+        """Whether these sizes can stay block FP8 (else the experts are dequantized at load)."""
+        return (block is not None and tuple(block) == (128, 128) and hidden_size % 128 == 0
+                and intermediate_size % group.world_size == 0 and (intermediate_size // group.world_size) % 128 == 0)
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id) -> None:
+        expert, part = self._check_part(param, loaded, shard_id)
+        if not isinstance(loaded, BlockFP8Tensor) or expert is None:
+            raise ShapeMismatch(f"experts {part}_proj: block FP8 experts load one block FP8 tensor per expert, "
+                                f"got {type(loaded).__name__}" + ("" if expert is not None else " (a stack)"))
+        if loaded.block != self.block:
+            raise ShapeMismatch(f"experts {part}_proj: scale blocks {loaded.block}, the experts use {self.block}")
+        n, b = self.intermediate, self.block[0]
+        r = self.group.rank
+        if part == "down":
+            src = loaded.narrow(1, r * n, n)
+            self.w2.data[expert].copy_(src.weight)
+            self.w2_scale_inv.data[expert].copy_(src.scale_inv)
+        else:
+            src = loaded.narrow(0, r * n, n)
+            first = 0 if part == "gate" else n
+            self.w13.data[expert, first:first + n].copy_(src.weight)
+            self.w13_scale_inv.data[expert, first // b:(first + n) // b].copy_(src.scale_inv)
+
+    def _dequantized(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        from finback.kernels.fp8_gemm import fp8_block_dequant_ref
+
+        return (fp8_block_dequant_ref(self.w13[e], self.w13_scale_inv[e], dtype=dtype),
+                fp8_block_dequant_ref(self.w2[e], self.w2_scale_inv[e], dtype=dtype))
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        if use_triton(x):
+            from finback.kernels.fused_moe import fused_moe
+            return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.w13_scale_inv, self.w2_scale_inv)
+        return _expert_loop(x, topk_weights, topk_ids, self.num_experts, lambda e: self._dequantized(e, x.dtype))

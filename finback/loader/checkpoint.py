@@ -61,7 +61,12 @@ _GGUF_LAYER = {
     "ffn_down_shexp": "mlp.shared_experts.down_proj",
 }
 # the projections that load into finback's linear layers, which take GGUF blocks (gguf_blocks mode)
-_BLOCK_LINEAR = frozenset({"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"})
+_BLOCK_LINEAR = frozenset({"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
+                           # deepseek2: MLA's low-rank projections and the shared experts
+                           "attn_q_a", "attn_q_b", "attn_kv_a_mqa", "ffn_gate_shexp", "ffn_up_shexp",
+                           "ffn_down_shexp"})
+# stacked routed experts [E, N, K], which FusedMoE keeps as blocks (finback/layers/gguf_moe.py)
+_BLOCK_EXPERTS = frozenset({"ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"})
 # whole llama.cpp tensor suffixes whose Hugging Face name has no .weight/.bias
 _GGUF_LAYER_FULL = {"exp_probs_b.bias": "mlp.gate.e_score_correction_bias"}
 _BLK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
@@ -174,11 +179,15 @@ class Checkpoint:
         meta device: nothing is allocated and no tensor data is read. The model's own
         load_weights does the matching, so this accepts exactly what loading will accept."""
         from finback.layers.linear import ShapeMismatch
+        from finback.loader.fp8 import BlockFP8Tensor, scale_shape
         from finback.models.registry import build_model
 
         cfg = self.config
+        fp8_scales = getattr(self, "fp8_scales", {})
         with torch.device("meta"):
             model = build_model(cfg)
+        if not getattr(model, "supports_block_fp8", False):
+            fp8_scales = {}
         current: list[TensorEntry] = []
 
         def stream():
@@ -192,7 +201,12 @@ class Checkpoint:
                                                      f"{cfg.head_dim} needs {cfg.head_dim // 2}")
                     continue
                 current[:] = [e]
-                yield e.name, torch.empty(e.shape, device="meta")
+                if e.name in fp8_scales:  # as weights(keep_fp8=True) yields it; layers take both forms
+                    yield e.name, BlockFP8Tensor(torch.empty(e.shape, dtype=torch.float8_e4m3fn, device="meta"),
+                                                 torch.empty(scale_shape(e.shape, cfg.fp8_block_size), device="meta"),
+                                                 cfg.fp8_block_size)
+                else:
+                    yield e.name, torch.empty(e.shape, device="meta")
 
         try:
             loaded = model.load_weights(stream())
@@ -262,8 +276,10 @@ class GGUFCheckpoint(Checkpoint):
     def weights(self, int4: bool = False, gguf_blocks: bool = False):
         """With int4, 2-D linear weights of types Q4_0/Q4_1/Q4_K come as `Int4Tensor` (4-bit groups)
         instead of dense tensors; with gguf_blocks, 2-D linear weights of a type the GGUF kernels
-        take come as `GGUFWeight` (the raw blocks, on CPU). The embedding and the LM head stay dense."""
+        take come as `GGUFWeight` (the raw blocks, on CPU), and stacked routed experts (deepseek2's
+        ffn_*_exps) as `GGUFExperts`. The embedding and the LM head stay dense."""
         from finback.layers.gguf_linear import KERNEL_TYPES, GGUFWeight
+        from finback.layers.gguf_moe import GGUFExperts
         from finback.layers.quantized import Int4Tensor
         from finback.loader.quants import INT4_TYPES, int4_groups
 
@@ -274,6 +290,9 @@ class GGUFCheckpoint(Checkpoint):
             linear = len(info.shape) == 2 and name.startswith("blk.") and name.endswith(".weight")
             if gguf_blocks and linear and info.ggml_type in KERNEL_TYPES and name.split(".")[2] in _BLOCK_LINEAR:
                 tensor = GGUFWeight(self.file.raw(name), info.ggml_type, tuple(info.shape))
+            elif (gguf_blocks and len(info.shape) == 3 and name.startswith("blk.") and info.ggml_type in KERNEL_TYPES
+                  and name.split(".")[2] in _BLOCK_EXPERTS and name.endswith(".weight")):
+                tensor = GGUFExperts(self.file.raw(name), info.ggml_type, tuple(info.shape))
             elif int4 and linear and info.ggml_type in INT4_TYPES:
                 tensor = Int4Tensor(*int4_groups(self.file.raw(name), info.ggml_type, tuple(info.shape)))
             else:
@@ -357,10 +376,12 @@ class SafetensorsCheckpoint(Checkpoint):
         self.fp8_holder = {scale: holder[scale] for scale in self.fp8_scales.values()}
         self.entries = [e for e in self.entries if not e.name.endswith(SCALE_SUFFIX)]
 
-    def weights(self, int4: bool = False):  # dense formats: nothing stays 4-bit
+    def weights(self, int4: bool = False, keep_fp8: bool = False):
+        """(name, tensor) of every weight; nothing stays 4-bit (dense formats). A block-FP8 pair comes as
+        one tensor: dequantized to float32, or with keep_fp8 a `BlockFP8Tensor` as stored."""
         from safetensors import safe_open
 
-        from finback.loader.fp8 import dequantize_block_fp8
+        from finback.loader.fp8 import BlockFP8Tensor, dequantize_block_fp8
 
         by_file: dict[str, list[str]] = {}
         for e in self.entries:
@@ -377,7 +398,9 @@ class SafetensorsCheckpoint(Checkpoint):
                             else:
                                 with safe_open(self.fp8_holder[scale], framework="pt") as g:
                                     scale_inv = g.get_tensor(scale)
-                            tensor = dequantize_block_fp8(tensor, scale_inv, self.config.fp8_block_size)
+                            block = self.config.fp8_block_size
+                            tensor = (BlockFP8Tensor(tensor, scale_inv, block) if keep_fp8
+                                      else dequantize_block_fp8(tensor, scale_inv, block))
                         yield name, tensor
             except ModelLoadError:
                 raise

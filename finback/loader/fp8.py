@@ -6,9 +6,13 @@ quantization_config.weight_block_size): the real weight is `fp8 * scale` of the 
 falls in (the name says "inverse" because it is the inverse of the scale used when quantizing). Every
 other tensor (embeddings, norms, the router, the LM head) stays in a float dtype.
 
-On CPU (and on any GPU without an FP8 GEMM) the weights are dequantized at load, one tensor at a
-time; `pair_scales` tells the checkpoint reader which tensors go together and checks their shapes
-before any data is read.
+Two ways to load them. Dequantized at load, one tensor at a time (`dequantize_block_fp8`): the CPU
+default, and what any layer that is not built for FP8 does with one. Kept FP8 (the CUDA default):
+the checkpoint reader yields each pair as one `BlockFP8Tensor` and the layers built for it (a model
+whose config has `fp8_block_size`) store the e4m3 bytes and the scales as they are and multiply
+through finback/kernels/fp8_gemm.py and fused_moe.py, so the 671B takes 1 byte per weight on the GPU.
+`pair_scales` tells the checkpoint reader which tensors go together and checks their shapes before
+any data is read.
 """
 
 from __future__ import annotations
@@ -48,6 +52,55 @@ def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: t
     n, k = weight.shape
     scale = scale_inv.float().repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]
     return (weight.float() * scale).to(dtype)
+
+
+class BlockFP8Tensor:
+    """One block-FP8 checkpoint weight as it is stored: `weight` [N, K] float8_e4m3fn and `scale_inv`
+    [ceil(N/bn), ceil(K/bk)] float32. Loaders slice it like a tensor, on block boundaries (or up to
+    the end of a dimension); `dequantize` gives the real weight."""
+
+    def __init__(self, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)):
+        if weight.dtype == torch.uint8:
+            weight = weight.view(torch.float8_e4m3fn)
+        if weight.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"block FP8 weight must be float8_e4m3fn, got {weight.dtype}")
+        expected = scale_shape(tuple(weight.shape), block)
+        if tuple(scale_inv.shape) != expected:
+            raise ValueError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}; a {tuple(weight.shape)} weight "
+                             f"in {block[0]}x{block[1]} blocks needs {expected}")
+        self.weight = weight
+        self.scale_inv = scale_inv.float()
+        self.block = (int(block[0]), int(block[1]))
+        self.shape = weight.shape
+
+    def dim(self) -> int:
+        return 2
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def __repr__(self) -> str:
+        return f"BlockFP8Tensor(shape={tuple(self.shape)}, block={self.block}, device={self.device})"
+
+    def narrow(self, dim: int, start: int, length: int) -> BlockFP8Tensor:
+        """Rows (dim 0) or columns (dim 1) [start, start+length): a view; start must be on a block
+        boundary, and so must the end unless it is the end of the dimension."""
+        if dim not in (0, 1):
+            raise ValueError(f"a block FP8 weight has dims 0 and 1, not {dim}")
+        b, size = self.block[dim], self.shape[dim]
+        end = start + length
+        if start % b or (end % b and end != size) or not 0 <= start <= end <= size:
+            raise ValueError(f"a block FP8 weight of shape {tuple(self.shape)} splits along dim {dim} only on "
+                             f"blocks of {b} (asked for {start}..{end})")
+        return BlockFP8Tensor(self.weight.narrow(dim, start, length),
+                              self.scale_inv.narrow(dim, start // b, -(-end // b) - start // b), self.block)
+
+    def to(self, device: torch.device | str) -> BlockFP8Tensor:
+        return BlockFP8Tensor(self.weight.to(device), self.scale_inv.to(device), self.block)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_block_fp8(self.weight, self.scale_inv, self.block, dtype)
 
 
 def quantize_block_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128)

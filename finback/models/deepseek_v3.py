@@ -9,6 +9,12 @@ decoding; the decoding step that would run them is not written yet, so they take
 forward. A checkpoint without them (transformers' own saves, llama.cpp's GGUFs) or with an
 incomplete set loads all the same: `mtp` is then emptied.
 
+Block FP8: a config with `fp8_block_size` (quantization_config fp8, and the runner keeping FP8)
+builds every linear layer of attention and MLPs for block-FP8 weights (`use_block_fp8`) and the
+routed experts as `BlockFP8FusedMoE` (when their sizes are whole 128-blocks; else they are
+dequantized at load); kv_b_proj, embeddings, norms, router and LM head stay dense, as in the
+checkpoint. The runner builds from a config without `fp8_block_size` to dequantize at load.
+
 forward(input_ids, positions, attn_metadata) -> hidden states; compute_logits(hidden) -> logits.
 """
 
@@ -23,14 +29,34 @@ from torch import nn
 from finback.layers.activation import silu_and_mul
 from finback.layers.attention import AttentionMetadata
 from finback.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from finback.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear,
-                                   default_weight_loader)
+from finback.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+    _Linear,
+    default_weight_loader,
+)
 from finback.layers.mla import MLAAttention
-from finback.layers.moe import FusedMoE, TopKRouter
+from finback.layers.moe import BlockFP8FusedMoE, FusedMoE, TopKRouter
 from finback.layers.norm import RMSNorm
 from finback.layers.rotary import RotaryEmbedding, softmax_mscale
 from finback.loader.config import ModelConfig
-from finback.runtime.parallel import SINGLE, WHOLE, ParallelGroup, PipelineStage, PPMissingLayer
+from finback.runtime.parallel import (
+    SINGLE,
+    WHOLE,
+    ParallelGroup,
+    PipelineStage,
+    PPMissingLayer,
+)
+
+
+def _block_fp8(module: nn.Module, block: tuple[int, int] | None) -> nn.Module:
+    """Switch every linear layer of `module` to block-FP8 weights (no-op without a block size)."""
+    if block is not None:
+        for m in module.modules():
+            if isinstance(m, _Linear):
+                m.use_block_fp8(block)
+    return module
 
 
 class DeepseekV3MLP(nn.Module):
@@ -52,9 +78,16 @@ class DeepseekV3MoE(nn.Module):
         self.gate = TopKRouter(config.n_routed_experts, config.hidden_size, config.num_experts_per_tok,
                                config.n_group, config.topk_group, config.norm_topk_prob,
                                config.routed_scaling_factor)
-        self.experts = FusedMoE(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, group)
-        self.shared_experts = (DeepseekV3MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts,
-                                             group, reduce_results=False) if config.n_shared_experts else None)
+        block = config.fp8_block_size
+        if BlockFP8FusedMoE.supports(config.hidden_size, config.moe_intermediate_size, group, block):
+            self.experts = BlockFP8FusedMoE(config.n_routed_experts, config.hidden_size,
+                                            config.moe_intermediate_size, group, block)
+        else:
+            self.experts = FusedMoE(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, group)
+        self.shared_experts = (_block_fp8(DeepseekV3MLP(config.hidden_size,
+                                                        config.moe_intermediate_size * config.n_shared_experts,
+                                                        group, reduce_results=False), block)
+                               if config.n_shared_experts else None)
 
     def forward(self, x):
         topk_weights, topk_ids = self.gate(x)
@@ -68,11 +101,13 @@ class DeepseekV3DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, group: ParallelGroup, rotary: RotaryEmbedding, layer_idx: int):
         super().__init__()
         scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5 * softmax_mscale(config.rope_scaling)
-        self.self_attn = MLAAttention(config.hidden_size, config.num_attention_heads, config.q_lora_rank,
-                                      config.kv_lora_rank, config.qk_nope_head_dim, config.qk_rope_head_dim,
-                                      config.v_head_dim, rotary, scale, config.attention_bias, group)
+        block = config.fp8_block_size  # each part switched as soon as built: one dense copy at a time
+        self.self_attn = _block_fp8(MLAAttention(config.hidden_size, config.num_attention_heads, config.q_lora_rank,
+                                                 config.kv_lora_rank, config.qk_nope_head_dim,
+                                                 config.qk_rope_head_dim, config.v_head_dim, rotary, scale,
+                                                 config.attention_bias, group), block)
         self.mlp = (DeepseekV3MoE(config, group) if layer_idx >= config.first_k_dense_replace
-                    else DeepseekV3MLP(config.hidden_size, config.intermediate_size, group))
+                    else _block_fp8(DeepseekV3MLP(config.hidden_size, config.intermediate_size, group), block))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -142,10 +177,11 @@ _GATE_UP = [(".gate_proj.", ".gate_up_proj.", 0), (".up_proj.", ".gate_up_proj."
 
 
 class DeepseekV3ForCausalLM(nn.Module):
-    # MLA builds its per-step index tensors on the host (finback/layers/mla.py::_plan): not capturable
-    # in a CUDA graph yet, so the runner must run this model eagerly
-    supports_cuda_graphs = False
+    # a decode step reads only device tensors (MLA takes the backend's static tables, fused_moe's
+    # alignment is sync-free): the runner captures it in CUDA graphs
+    supports_cuda_graphs = True
     supports_pp = True
+    supports_block_fp8 = True
 
     def __init__(self, config: ModelConfig, group: ParallelGroup = SINGLE, stage: PipelineStage = WHOLE):
         super().__init__()
@@ -238,6 +274,8 @@ class DeepseekV3ForCausalLM(nn.Module):
     def _expected(self) -> set[str]:
         names = set()
         for name, _ in self.named_parameters():
+            if name.endswith("_scale_inv"):  # block FP8 scales come with their weights
+                continue
             if name.endswith((".experts.w13", ".experts.w2")):
                 prefix = name.rsplit(".", 1)[0]
                 parts = ("gate", "up") if name.endswith("w13") else ("down",)

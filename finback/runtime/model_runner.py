@@ -18,7 +18,7 @@ from finback.loader.checkpoint import Checkpoint
 from finback.loader.errors import ModelLoadError
 from finback.layers.linear import ShapeMismatch
 from finback.models.registry import build_model
-from finback.runtime.parallel import SINGLE, ParallelGroup
+from finback.runtime.parallel import SINGLE, WHOLE, ParallelGroup, PipelineStage
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -43,15 +43,37 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, group: ParallelGroup = SINGLE,
-               keep_int4: bool = True):
-    """Build the model and load its weights. On CPU in bf16, 4-bit GGUF weights (Q4_0/Q4_1/Q4_K)
-    stay 4-bit (torch's int4 CPU kernel) unless keep_int4 is False."""
+               keep_int4: bool = True, stage: PipelineStage = WHOLE, gguf_blocks: bool | None = None,
+               keep_fp8: bool | None = None):
+    """Build the model (this pipeline stage's part of it) and load its weights. On CPU in bf16, 4-bit
+    GGUF weights (Q4_0/Q4_1/Q4_K) stay 4-bit (torch's int4 CPU kernel) unless keep_int4 is False.
+    With gguf_blocks (default: a GGUF checkpoint on CUDA with triton), quantized linear weights stay
+    GGUF blocks on the device and matmuls read them (finback/layers/gguf_linear.py); True on CPU takes
+    the slow dequantize-per-call path (tests). With keep_fp8 (default: on CUDA), a block-FP8 checkpoint
+    (or a dummy one) of a model that supports it keeps its weights FP8 (finback/loader/fp8.py); else
+    they are dequantized at load."""
+    import dataclasses
+
+    from finback.models.registry import model_class
+
     config = checkpoint.config
+    if keep_fp8 is None:
+        keep_fp8 = device.type == "cuda"
+    if config.fp8_block_size is not None and not (
+            keep_fp8 and getattr(model_class(config.architecture), "supports_block_fp8", False)):
+        config = dataclasses.replace(config, fp8_block_size=None)  # the model is built dense
+    keep_fp8 = config.fp8_block_size is not None
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = build_model(config, group)
+            if stage.size == 1:
+                model = build_model(config, group)
+            else:
+                cls = model_class(config.architecture)
+                if not getattr(cls, "supports_pp", False):
+                    raise ValueError(f"{config.architecture} does not support pipeline parallelism yet")
+                model = cls(config, group, stage)
     finally:
         torch.set_default_dtype(old)
     model.eval()
@@ -63,8 +85,20 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     try:
         from finback.layers.quantized import kernel_available
 
-        int4 = keep_int4 and device.type == "cpu" and dtype == torch.bfloat16 and kernel_available()
-        loaded = model.load_weights((name, t) for name, t in checkpoint.weights(int4=int4))
+        from finback.kernels import HAS_TRITON
+
+        if gguf_blocks is None:
+            gguf_blocks = device.type == "cuda" and HAS_TRITON
+        gguf_blocks = gguf_blocks and checkpoint.format == "gguf"
+        int4 = (keep_int4 and not gguf_blocks and device.type == "cpu" and dtype == torch.bfloat16
+                and kernel_available())
+        if gguf_blocks:
+            tensors = checkpoint.weights(int4=int4, gguf_blocks=True)
+        elif keep_fp8:
+            tensors = checkpoint.weights(int4=int4, keep_fp8=True)
+        else:
+            tensors = checkpoint.weights(int4=int4)
+        loaded = model.load_weights((name, t) for name, t in tensors)
     except ShapeMismatch as exc:
         raise ModelLoadError(checkpoint.path, f"shape does not match the config: {exc}") from None
     except KeyError as exc:
@@ -82,6 +116,18 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     return model
 
 
+def select_backend(device: torch.device):
+    """The attention backend for a device: Triton kernels on CUDA (when triton is installed), torch
+    ops elsewhere (the CPU path, and the reference the kernels are tested against)."""
+    from finback.kernels import HAS_TRITON
+
+    if device.type == "cuda" and HAS_TRITON:
+        from finback.layers.triton_attention import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    return TorchAttentionBackend()
+
+
 def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
     """Bytes of KV cache one token takes on this rank: every attention layer's cache_shape for one
     one-token block."""
@@ -91,14 +137,22 @@ def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
 
 class ModelRunner:
     def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
-                 group: ParallelGroup = SINGLE, seed: int | None = 0, keep_int4: bool = True):
+                 group: ParallelGroup = SINGLE, seed: int | None = 0, keep_int4: bool = True,
+                 enforce_eager: bool = False, max_num_seqs: int = 256, stage: PipelineStage = WHOLE,
+                 gguf_blocks: bool | None = None, keep_fp8: bool | None = None):
         self.device = device
         self.dtype = dtype
         self.config = checkpoint.config
         t0 = time.perf_counter_ns()
-        self.model = load_model(checkpoint, device, dtype, group, keep_int4)
+        self.model = load_model(checkpoint, device, dtype, group, keep_int4, stage, gguf_blocks, keep_fp8)
         self.load_duration_ns = time.perf_counter_ns() - t0
-        self.backend = TorchAttentionBackend()
+        self.backend = select_backend(device)
+        # CUDA graphs of the decode step (finback/runtime/cuda_graphs.py): captured once the KV cache
+        # exists, on CUDA with a backend whose metadata lives in static buffers
+        self.use_graphs = (device.type == "cuda" and not enforce_eager and hasattr(self.backend, "alloc_static")
+                           and getattr(self.model, "supports_cuda_graphs", True))
+        self.max_num_seqs = max_num_seqs
+        self.graphs = None
         self.sampler = Sampler(default_seed=seed)
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = 0
@@ -113,6 +167,15 @@ class ModelRunner:
             layer.kv_cache = cache
             self.kv_caches.append(cache)
         self.block_size = block_size
+        if self.use_graphs:
+            from finback.runtime.cuda_graphs import DecodeGraphs
+
+            max_len = getattr(self.model.model, "rotary", None)
+            max_len = max_len.max_position if max_len is not None else self.config.max_position_embeddings
+            max_blocks = min(num_blocks, -(-max_len // block_size))
+            self.graphs = DecodeGraphs(self.model, self.backend, self.max_num_seqs, max_blocks, block_size,
+                                       self.device)
+            self.graphs.capture()
 
     def _constrain_json(self, logits: torch.Tensor, row: int, seq, eos_token_ids: frozenset[int]) -> None:
         """Mask row `row` to the tokens that keep the output a JSON prefix (JSON mode)."""
@@ -166,6 +229,11 @@ class ModelRunner:
                 sample_rows.append(i)
                 last_token_index.append(len(ids) - 1)
         dev = self.device
+        if (self.graphs is not None and len(sample_rows) == len(ids) and all(c > 0 for c in context_lens)
+                and self.graphs.bucket(len(ids)) is not None):
+            # decode-only batch: replay the captured graph (forward + LM head)
+            logits = self.graphs.run(ids, positions, slots, context_lens, block_tables).float()
+            return sample_rows, self._sample(logits, batch, sample_rows, eos_token_ids)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             query_lens=list(batch.num_tokens),
@@ -181,11 +249,15 @@ class ModelRunner:
         if not sample_rows:
             return [], SamplerOutput(token_ids=[], logprobs=[])
         logits = self.model.compute_logits(hidden[torch.tensor(last_token_index, device=dev)]).float()
+        return sample_rows, self._sample(logits, batch, sample_rows, eos_token_ids)
+
+    def _sample(self, logits: torch.Tensor, batch: ScheduledBatch, sample_rows: list[int],
+                eos_token_ids: frozenset[int]) -> SamplerOutput:
         seqs = [batch.seqs[i] for i in sample_rows]
         for r, seq in enumerate(seqs):
             if seq.json_state is not None:
                 self._constrain_json(logits, r, seq, eos_token_ids)
-        out = self.sampler(
+        return self.sampler(
             logits,
             [s.params for s in seqs],
             [s.prompt_token_ids for s in seqs],
@@ -193,4 +265,3 @@ class ModelRunner:
             [s.generator for s in seqs],
             eos_token_ids,
         )
-        return sample_rows, out
