@@ -112,7 +112,7 @@ class LLMEngine:
         batched = args.max_num_batched_tokens or max(2048, args.max_num_seqs)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, batched, max_len), self.block_manager)
-        self.executor.allocate_kv_cache(num_blocks, args.block_size)
+        self.executor.allocate_kv_cache(num_blocks, args.block_size, max_len)
 
     # -- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,

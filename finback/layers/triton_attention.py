@@ -115,11 +115,14 @@ class TritonAttentionBackend(AttentionBackend):
         widest = max((len(t) for t in meta.block_tables), default=0)
         if widest > max_blocks:
             raise ValueError(f"a block table of {widest} blocks exceeds the buffers' {max_blocks}")
-        tables = _padded_tables(meta.block_tables, max_blocks)
+        # only the used width is copied: the kernel reads no entry past a row's own length, so the
+        # stale columns beyond it (and the rows of padding) are never looked at
+        tables = _padded_tables(meta.block_tables, widest)
         lens = torch.zeros(batch_size, dtype=torch.int32)
         lens[:n] = torch.tensor(meta.seq_lens, dtype=torch.int32)
         bt, sl, sm = (buffers[k][:batch_size] for k in ("block_tables", "seq_lens", "slot_mapping"))
-        bt[:n].copy_(tables, non_blocking=True)
+        if n:
+            bt[:n, :tables.shape[1]].copy_(tables, non_blocking=True)
         sl.copy_(lens, non_blocking=True)
         sm[:n].copy_(meta.slot_mapping, non_blocking=True)
         sm[n:].fill_(-1)

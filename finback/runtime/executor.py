@@ -77,7 +77,7 @@ class Executor:
     def set_max_position(self, max_position: int) -> None:
         raise NotImplementedError
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, max_model_len: int | None = None) -> None:
         raise NotImplementedError
 
     def execute(self, batch: ScheduledBatch, block_tables: list[list[int]], eos_token_ids: frozenset[int]
@@ -265,8 +265,9 @@ class DistributedExecutor(Executor):
     def set_max_position(self, max_position: int) -> None:
         self._call({"op": "set_max_position", "max_position": max_position})
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
-        self._call({"op": "allocate", "num_blocks": num_blocks, "block_size": block_size})
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, max_model_len: int | None = None) -> None:
+        self._call({"op": "allocate", "num_blocks": num_blocks, "block_size": block_size,
+                    "max_model_len": max_model_len})
 
     def execute(self, batch, block_tables, eos_token_ids):
         import dataclasses

@@ -158,7 +158,7 @@ class ModelRunner:
         self.block_size = 0
         self.token_bytes: list[bytes] = []  # set by the engine when JSON mode is possible
 
-    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, max_model_len: int | None = None) -> None:
         layers = self.model.attention_layers()
         self.kv_caches = []
         for layer in layers:
@@ -170,9 +170,11 @@ class ModelRunner:
         if self.use_graphs:
             from finback.runtime.cuda_graphs import DecodeGraphs
 
-            max_len = getattr(self.model.model, "rotary", None)
-            max_len = max_len.max_position if max_len is not None else self.config.max_position_embeddings
-            max_blocks = min(num_blocks, -(-max_len // block_size))
+            max_len = max_model_len
+            if max_len is None:
+                rotary = getattr(self.model.model, "rotary", None)
+                max_len = rotary.max_position if rotary is not None else self.config.max_position_embeddings
+            max_blocks = min(num_blocks, -(-max_len // block_size))  # the graphs' block-table width
             self.graphs = DecodeGraphs(self.model, self.backend, self.max_num_seqs, max_blocks, block_size,
                                        self.device)
             self.graphs.capture()

@@ -163,7 +163,7 @@ class Worker:
         return {}
 
     def allocate(self, msg: dict) -> dict:
-        self.runner.allocate_kv_cache(msg["num_blocks"], msg["block_size"])
+        self.runner.allocate_kv_cache(msg["num_blocks"], msg["block_size"], msg.get("max_model_len"))
         return {}
 
     def step(self, msg: dict) -> dict:
