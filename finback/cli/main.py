@@ -28,6 +28,8 @@ def _engine_args(ns) -> dict:
             out[name] = value
     if getattr(ns, "no_prefix_caching", False):
         out["enable_prefix_caching"] = False
+    if getattr(ns, "enforce_eager", False):
+        out["enforce_eager"] = True
     return out
 
 
@@ -40,6 +42,8 @@ def _serve_argv(ns) -> list[str]:
             argv += ["--" + name.replace("_", "-"), str(value)]
     if getattr(ns, "no_prefix_caching", False):
         argv.append("--no-prefix-caching")
+    if getattr(ns, "enforce_eager", False):
+        argv.append("--enforce-eager")
     return argv
 
 
@@ -60,6 +64,7 @@ def _add_engine_flags(p: argparse.ArgumentParser, note: str = "") -> None:
                         "RAY_ADDRESS (ray)")
     g.add_argument("--gpu-memory-utilization", type=float)
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
