@@ -234,8 +234,8 @@ def add_parser(sub) -> None:
                                                   "replies when --dataset is given)")
     p.add_argument("--dataset", help="ShareGPT-style JSON file of conversations, instead of synthetic prompts")
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=None,
-                   help="ask the server to generate past EOS so lengths are exact (default: on for openai, "
-                        "which vLLM, llama.cpp and finback accept; off for ollama, whose API has no such option)")
+                   help="ask the server to generate past EOS so lengths are exact (default: on; vLLM, llama.cpp and "
+                        "finback honour it, Ollama ignores an option it does not know)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--api-key", help="bearer token (default FINBACK_API_KEY, then OPENAI_API_KEY)")
     p.add_argument("--seed", type=int, default=0, help="seed of prompts and arrival times")
@@ -325,7 +325,7 @@ async def _bench(ns, console) -> dict[str, Any]:
     rng = random.Random(ns.seed)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers) as client:
         api, model = await _discover(client, url, ns)
-        ignore_eos = ns.ignore_eos if ns.ignore_eos is not None else api == "openai"
+        ignore_eos = ns.ignore_eos if ns.ignore_eos is not None else True  # Ollama ignores options it lacks; finback and vLLM honour it
         target = Target(url, api, model, chat=ns.chat, ignore_eos=ignore_eos, temperature=ns.temperature)
         cal = await calibrate(client, target, ns.input_len, rng)
         for _ in range(ns.warmup):

@@ -17,7 +17,9 @@ OLLAMA_DEFAULTS: dict[str, Any] = {
 RUNNER_OPTIONS = {"num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "use_mlock", "num_thread",
                   "numa", "low_vram", "f16_kv", "vocab_only", "num_keep", "typical_p", "tfs_z",
                   "mirostat", "mirostat_tau", "mirostat_eta", "penalize_newline", "logits_all"}
-SAMPLING_OPTIONS = set(OLLAMA_DEFAULTS) | {"seed", "stop", "max_thinking_tokens"}
+# finback's additions to Ollama's options: max_thinking_tokens (the reasoning budget) and ignore_eos
+# (vLLM's: generate exactly num_predict tokens; load testers such as `finback bench` use it)
+SAMPLING_OPTIONS = set(OLLAMA_DEFAULTS) | {"seed", "stop", "max_thinking_tokens", "ignore_eos"}
 
 
 class OptionError(ValueError):
@@ -84,9 +86,16 @@ def sampling_params(options: dict[str, Any] | None, model_params: dict[str, Any]
             stop=[s for s in (stop or []) if s] or None,
             max_tokens=max_tokens,
             max_thinking_tokens=None if mtt is None else _num("max_thinking_tokens", mtt, int),
+            ignore_eos=_flag("ignore_eos", merged.get("ignore_eos", False)),
         )
     except ValueError as exc:
         raise OptionError(str(exc)) from None
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise OptionError(f"option {name} must be true or false")
+    return value
 
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
