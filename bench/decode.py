@@ -219,23 +219,31 @@ def prefill_tok_s(engine: LLMEngine, length: int = 512, reps: int = 5) -> float:
     return length / best
 
 
-def gpu_split(engine: LLMEngine, b1_tok_s: float) -> str:
-    """Where a batch-1 decode step's time goes: the captured graph replayed back to back (pure GPU
-    time of forward + LM head) against the engine's whole step (scheduling, inputs, sampling)."""
+def graph_replay_ms(engine: LLMEngine, batch: int, iters: int = 50, warmup: int = 3) -> float | None:
+    """GPU milliseconds of one replay of the CUDA graph captured for `batch` sequences (its bucket),
+    replayed `iters` times back to back after `warmup` replays; None when the engine has no graphs."""
     graphs = engine.runner.graphs
     if graphs is None:
-        return "no CUDA graphs"
-    g = graphs.graphs[graphs.bucket(1)]
-    for _ in range(3):
+        return None
+    g = graphs.graphs[graphs.bucket(batch)]
+    for _ in range(warmup):
         g.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(50):
+    for _ in range(iters):
         g.replay()
     end.record()
     torch.cuda.synchronize()
-    gpu_ms = start.elapsed_time(end) / 50
+    return start.elapsed_time(end) / iters
+
+
+def gpu_split(engine: LLMEngine, b1_tok_s: float) -> str:
+    """Where a batch-1 decode step's time goes: the captured graph replayed back to back (pure GPU
+    time of forward + LM head) against the engine's whole step (scheduling, inputs, sampling)."""
+    gpu_ms = graph_replay_ms(engine, 1)
+    if gpu_ms is None:
+        return "no CUDA graphs"
     step_ms = 1000 / b1_tok_s
     return f"batch-1 step {step_ms:.3f} ms = GPU (graph replay) {gpu_ms:.3f} ms + host {step_ms - gpu_ms:.3f} ms"
 

@@ -67,16 +67,9 @@ def main() -> None:
         return 20
 
     profiled("decode, 64 concurrent", steps)
-    g = engine.runner.graphs
-    if g is not None:
-        graph = g.graphs[g.bucket(64)]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        print(f"graph replay at bucket {g.bucket(64)}: {start.elapsed_time(end) / 20:.3f} ms GPU per step")
+    ms = decode.graph_replay_ms(engine, 64, iters=20, warmup=0)
+    if ms is not None:
+        print(f"graph replay at bucket {engine.runner.graphs.bucket(64)}: {ms:.3f} ms GPU per step")
 
 
 if __name__ == "__main__":

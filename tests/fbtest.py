@@ -4,7 +4,9 @@ comparison against transformers (fp32 on CPU) with the top-2 tie rule."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +43,73 @@ def tiny_hf_model(arch: str, seed: int = 0, vocab: int = 1024, hidden: int = 256
             else:
                 p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5 * 1.5)
     return model
+
+
+def tiny_deepseek_v3_config(**over) -> dict:
+    """transformers DeepseekV3Config fields of a tiny DeepSeek-V3 with the real head sizes (qk_nope 128,
+    qk_rope 64, v 128, kv_lora 512), 32 experts in 4 groups (4 used), first layer dense, YaRN; `over`
+    replaces any of them."""
+    return {"vocab_size": 512, "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 64,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "n_shared_experts": 1,
+            "n_routed_experts": 32, "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 64,
+            "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 4, "topk_group": 2,
+            "num_experts_per_tok": 4, "first_k_dense_replace": 1, "norm_topk_prob": True,
+            "max_position_embeddings": 1024, "bos_token_id": 1, "eos_token_id": 2,
+            "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 16.0,
+                                "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+                                "mscale": 1.0, "mscale_all_dim": 1.0}} | over
+
+
+def tiny_deepseek_v3(seed: int = 0, spread: float = 1.5, bias_spread: float = 0.1, **over):
+    """transformers' DeepseekV3ForCausalLM of tiny_deepseek_v3_config(**over) with random weights of a
+    wide spread (spread / sqrt(fan_in): clear greedy choices) and routing biases of std `bias_spread`
+    (0: left at transformers' zeros)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**tiny_deepseek_v3_config(**over)))
+    model = model.float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5 * spread)
+        if bias_spread:
+            for layer in model.model.layers[model.config.first_k_dense_replace:]:
+                bias = layer.mlp.gate.e_score_correction_bias
+                bias.copy_(bias_spread * torch.randn_like(bias))
+    return model
+
+
+def finite_f16_bits(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n random finite fp16 bit patterns (every exponent, subnormals and zero included)."""
+    bits = rng.integers(0, 0x7C00, size=n, dtype=np.uint16)
+    return bits | (rng.integers(0, 2, size=n, dtype=np.uint16) << 15)
+
+
+def ref_dequant(raw: np.ndarray, qtype) -> torch.Tensor:
+    """gguf-py's dequantization of raw GGUF data of `qtype` (the reference), flat float32."""
+    import gguf
+
+    with np.errstate(all="ignore"):
+        return torch.from_numpy(np.array(gguf.quants.dequantize(raw.reshape(-1), qtype), dtype=np.float32).reshape(-1))
+
+
+def assert_bits_equal(got: torch.Tensor, ref: torch.Tensor, nan_aware: bool = False) -> None:
+    """Bit-for-bit float32 equality. nan_aware: NaN payloads and signs produced by arithmetic (NaN*q,
+    inf*0) depend on the instruction used, so only the NaN positions must agree."""
+    got, ref = got.reshape(-1).cpu(), ref.reshape(-1)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    if nan_aware:
+        gn, rn = torch.isnan(got), torch.isnan(ref)
+        assert torch.equal(gn, rn), f"NaN positions differ at {torch.nonzero(gn != rn)[:5].tolist()}"
+        got, ref = got[~gn], ref[~rn]
+    gi, ri = got.view(torch.int32), ref.view(torch.int32)
+    if not torch.equal(gi, ri):
+        bad = torch.nonzero(gi != ri)[:5].reshape(-1)
+        raise AssertionError(f"{int((gi != ri).sum())} values differ; first at {bad.tolist()}: "
+                             f"got {got[bad].tolist()} want {ref[bad].tolist()}")
 
 
 def tokenizer_metadata(gguf_path: str) -> dict:
@@ -81,16 +150,19 @@ def _gguf_name(name: str) -> str:
     return f"blk.{parts[2]}.{_HF_TO_GGUF['.'.join(parts[3:-1])]}.{parts[-1]}"
 
 
-def write_gguf(model, path: str, qtype_name: str, tokenizer_metadata: dict | None = None) -> str:
+def write_gguf(model, path: str, qtype: str | Callable[[str], Any], tokenizer_metadata: dict | None = None,
+               encode: Callable[[str, np.ndarray, Any], np.ndarray] | None = None) -> str:
     """Write a transformers Llama/Qwen2 model as a GGUF the way llama.cpp's converter lays it out:
-    2-D weights in `qtype_name` (F16, Q8_0, Q4_K, ...), norms and biases F32, Llama Q/K permuted."""
+    norms and biases F32, Llama Q/K permuted, 2-D weights in `qtype`: a type name (F16, Q8_0, Q4_K,
+    ...) or a function giving a tensor's type from its llama.cpp name. They are quantized by finback's
+    quantizer unless `encode(name, weight, type)` gives their raw blocks (e.g. random IQ blocks)."""
     import gguf
 
     from finback.loader.quantize import quantize
 
     cfg = model.config
     arch = "qwen2" if cfg.model_type == "qwen2" else "llama"
-    qtype = gguf.GGMLQuantizationType[qtype_name]
+    type_of = qtype if callable(qtype) else lambda name: qtype
     w = gguf.GGUFWriter(path, arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -118,8 +190,11 @@ def write_gguf(model, path: str, qtype_name: str, tokenizer_metadata: dict | Non
             arr = _permute_qk(arr, heads)
         if arr.ndim == 1:
             w.add_tensor(gname, arr.astype(np.float32))
-        else:
-            w.add_tensor(gname, quantize(np.ascontiguousarray(arr, dtype=np.float32), qtype), raw_dtype=qtype)
+            continue
+        qt = type_of(gname)
+        qt = gguf.GGMLQuantizationType[qt] if isinstance(qt, str) else qt
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        w.add_tensor(gname, encode(gname, arr, qt) if encode else quantize(arr, qt), raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -208,6 +283,45 @@ def assert_greedy_matches(ours: list[int], ref: Reference, label: str = "") -> i
                                   f"puts ours {margin:.3g} below its choice: not a tie")
             return i
     return len(ours)
+
+
+def fit_r1_tiny(r1_part: str, path: str, question: str, reasoning: str, answer: str) -> str:
+    """A tiny Qwen2 over the real DeepSeek-R1 vocabulary and chat template (the tokenizer metadata of
+    the GGUF `r1_part`), fitted to answer `question` R1-style, "<think>\n{reasoning}\n</think>\n\n{answer}"
+    (a random model never writes <think>), written to `path` as an F32 GGUF with that metadata."""
+    from finback.prompt.template import ChatTemplate
+    from finback.tokenizer import Tokenizer
+
+    meta = tokenizer_metadata(r1_part)
+    tok = Tokenizer.from_gguf(meta)
+    template = ChatTemplate(tok.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token)
+    prompt_ids = tok.encode(template.render([{"role": "user", "content": question}]))
+    answer_ids = tok.encode(f"<think>\n{reasoning}\n</think>\n\n{answer}") + [tok.eos_token_id]
+    ids = torch.tensor([prompt_ids + answer_ids])
+    labels = ids.clone()
+    labels[:, :len(prompt_ids)] = -100
+    model = tiny_hf_model("qwen2", seed=7, vocab=len(meta["tokenizer.ggml.tokens"]), hidden=64).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = model(ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.005:
+            break
+    return write_gguf(model.eval(), path, "F32", tokenizer_metadata=meta)
+
+
+def runner_greedy(runner, prompt: list[int], n_new: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy decoding straight through a ModelRunner (the whole sequence recomputed each step, blocks
+    0, 1, ... of 16): the new tokens and each step's logits [n_new, V]."""
+    ids = list(prompt)
+    logits = []
+    for _ in range(n_new):
+        hidden = runner.hidden_states(ids, list(range(-(-len(ids) // 16))))
+        logits.append(runner.model.compute_logits(hidden[-1:])[0].float())
+        ids.append(int(logits[-1].argmax()))
+    return ids[len(prompt):], torch.stack(logits)
 
 
 def free_port() -> int:

@@ -51,8 +51,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, BinaryIO
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -329,21 +330,31 @@ _ST_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 
              "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def _safetensors_header(path: str) -> dict[str, Any]:
+def _json_object(path: str, what: str, read: Callable[[BinaryIO], bytes]) -> dict[str, Any]:
+    """The JSON object `read` takes from the file at `path` (`what` names it in errors)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 < n <= min(os.path.getsize(path) - 8, 100 << 20):
-                raise FitError(f"{path}: not a safetensors file (header length {n})")
-            header = json.loads(f.read(n))
+            obj = json.loads(read(f))
+    except FitError:
+        raise
     except OSError as e:
         raise FitError(f"{path}: cannot read: {e.strerror or e}") from None
     except ValueError as e:
-        raise FitError(f"{path}: safetensors header is not valid JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise FitError(f"{path}: safetensors header is not a JSON object")
-    return header
+        raise FitError(f"{path}: {what}not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise FitError(f"{path}: {what}not a JSON object")
+    return obj
+
+
+def _safetensors_header(path: str) -> dict[str, Any]:
+    def read(f: BinaryIO) -> bytes:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(os.path.getsize(path) - 8, 100 << 20):
+            raise FitError(f"{path}: not a safetensors file (header length {n})")
+        return f.read(n)
+
+    return _json_object(path, "safetensors header is ", read)
 
 
 def _config_arch(cfg: dict[str, Any], path: str) -> Arch:
@@ -374,16 +385,7 @@ def _config_arch(cfg: dict[str, Any], path: str) -> Arch:
 def safetensors_tensors(folder: str) -> tuple[Arch, list[Tensor]]:
     """Architecture (config.json) and tensors (every shard's header) of a safetensors folder."""
     cfg_path = os.path.join(folder, "config.json")
-    try:
-        with open(cfg_path, "rb") as f:
-            cfg = json.loads(f.read())
-    except OSError as e:
-        raise FitError(f"{cfg_path}: cannot read: {e.strerror or e}") from None
-    except ValueError as e:
-        raise FitError(f"{cfg_path}: not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise FitError(f"{cfg_path}: not a JSON object")
-    arch = _config_arch(cfg, cfg_path)
+    arch = _config_arch(_json_object(cfg_path, "", lambda f: f.read()), cfg_path)
     files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:
         raise FitError(f"{folder}: no .safetensors files")

@@ -17,35 +17,43 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from finback.kernels import use_triton
 from finback.kernels.gguf import GEMV_MAX_M, KERNEL_TYPES, gguf_gemm, gguf_gemv, gguf_matmul_ref
 
-__all__ = ["KERNEL_TYPES", "GGUFWeight", "gguf_matmul"]
+__all__ = ["KERNEL_TYPES", "GGUFBlocks", "GGUFWeight", "gguf_matmul"]
 
 
-class GGUFWeight:
-    """A 2-D GGUF tensor [N, K] as blocks: `data` uint8 [N, K / block_size * block_bytes]."""
+class GGUFBlocks:
+    """A GGUF tensor [..., K] as raw blocks: `data` uint8 [..., K / block_size * block_bytes] with
+    contiguous rows. What a 2-D weight and a stack of experts share: the checks, and slicing like a
+    tensor (any dim but the last freely, the last only on block boundaries) as views."""
 
-    def __init__(self, data: torch.Tensor, qtype: GGMLQuantizationType | int, shape: tuple[int, int]):
+    ndim: int  # a subclass's dims, its layout and name for messages
+    layout: str
+    noun: str
+
+    def __init__(self, data: torch.Tensor, qtype: GGMLQuantizationType | int, shape: tuple[int, ...]):
         self.qtype = GGMLQuantizationType(int(qtype))
         if self.qtype not in GGML_QUANT_SIZES:
             raise ValueError(f"{self.qtype.name} is not a block type")
-        n, k = (int(s) for s in shape)
+        if len(shape) != self.ndim:
+            raise ValueError(f"a GGUF {self.noun} is {self.layout}, got shape {tuple(shape)}")
+        *lead, k = (int(s) for s in shape)
         self.block_size, self.block_bytes = GGML_QUANT_SIZES[self.qtype]
         if k % self.block_size:
             raise ValueError(f"{self.qtype.name} rows of {k} values are not whole blocks of {self.block_size}")
-        row = k // self.block_size * self.block_bytes
+        blocks = (*lead, k // self.block_size * self.block_bytes)
         if data.dtype != torch.uint8:
             raise ValueError(f"GGUF blocks must be uint8, got {data.dtype}")
+        dims = f"{self.qtype.name} [{', '.join(str(d) for d in (*lead, k))}]"
         if data.dim() == 1:
-            if data.numel() != n * row:
-                raise ValueError(f"{self.qtype.name} [{n}, {k}] needs {n * row} bytes, got {data.numel()}")
-            data = data.view(n, row)
-        if tuple(data.shape) != (n, row) or (n and row and data.stride(1) != 1):
-            raise ValueError(f"{self.qtype.name} [{n}, {k}] needs blocks of shape ({n}, {row}) with contiguous "
-                             f"rows, got {tuple(data.shape)}")
+            if data.numel() != math.prod(blocks):
+                raise ValueError(f"{dims} needs {math.prod(blocks)} bytes, got {data.numel()}")
+            data = data.view(blocks)
+        if tuple(data.shape) != blocks or (data.numel() and data.stride(-1) != 1):
+            raise ValueError(f"{dims} needs blocks of shape {blocks} with contiguous rows, got {tuple(data.shape)}")
         self.data = data
-        self.shape = torch.Size((n, k))
+        self.shape = torch.Size((*lead, k))
 
     def dim(self) -> int:
-        return 2
+        return len(self.shape)
 
     @property
     def device(self) -> torch.device:
@@ -53,32 +61,39 @@ class GGUFWeight:
 
     @property
     def nbytes(self) -> int:
-        return self.data.shape[0] * self.data.shape[1]
+        return self.data.numel()
 
     def __repr__(self) -> str:
-        return f"GGUFWeight({self.qtype.name}, shape={tuple(self.shape)}, device={self.device})"
+        return f"{type(self).__name__}({self.qtype.name}, shape={tuple(self.shape)}, device={self.device})"
 
-    def narrow(self, dim: int, start: int, length: int) -> GGUFWeight:
-        """Rows [start, start+length) (dim 0), or columns (dim 1) on block boundaries: a view."""
-        n, k = self.shape
-        if dim == 0:
-            return GGUFWeight(self.data.narrow(0, start, length), self.qtype, (length, k))
-        if dim != 1:
-            raise ValueError(f"a GGUF weight has dims 0 and 1, not {dim}")
+    def narrow(self, dim: int, start: int, length: int):
+        """[start, start+length) along `dim`: a view; along the last dim only on block boundaries."""
+        shape, last = list(self.shape), len(self.shape) - 1
+        if not 0 <= dim <= last:
+            raise ValueError(f"a GGUF {self.noun} {self.layout} has dims 0 to {last}, not {dim}")
+        shape[dim] = length
+        if dim < last:
+            return type(self)(self.data.narrow(dim, start, length), self.qtype, shape)
         if start % self.block_size or length % self.block_size:
-            raise ValueError(f"a {self.qtype.name} weight splits along its columns only on blocks of "
+            raise ValueError(f"a {self.qtype.name} {self.noun} splits along its columns only on blocks of "
                              f"{self.block_size} (asked for {start}..{start + length})")
         qk, b = self.block_size, self.block_bytes
-        return GGUFWeight(self.data.narrow(1, start // qk * b, length // qk * b), self.qtype, (n, length))
+        return type(self)(self.data.narrow(dim, start // qk * b, length // qk * b), self.qtype, shape)
 
-    def permute_rows(self, index: torch.Tensor) -> GGUFWeight:
-        return GGUFWeight(self.data[index.to(self.data.device)], self.qtype, tuple(self.shape))
-
-    def to(self, device: torch.device | str) -> GGUFWeight:
+    def to(self, device: torch.device | str):
         device = torch.device(device)
         if self.data.device == device:
             return self
-        return GGUFWeight(self.data.to(device), self.qtype, tuple(self.shape))
+        return type(self)(self.data.to(device), self.qtype, tuple(self.shape))
+
+
+class GGUFWeight(GGUFBlocks):
+    """A 2-D GGUF tensor [N, K] as blocks: `data` uint8 [N, K / block_size * block_bytes]."""
+
+    ndim, layout, noun = 2, "[N, K]", "weight"
+
+    def permute_rows(self, index: torch.Tensor) -> GGUFWeight:
+        return GGUFWeight(self.data[index.to(self.data.device)], self.qtype, tuple(self.shape))
 
     def contiguous(self) -> GGUFWeight:
         return self if self.data.is_contiguous() else GGUFWeight(self.data.contiguous(), self.qtype, tuple(self.shape))

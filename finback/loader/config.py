@@ -425,6 +425,27 @@ def _fp8_block_size(qc: Any, path: str | None) -> tuple[int, int] | None:
     return block[0], block[1]
 
 
+_DEEPSEEK_INTS = (  # ModelConfig field, its config.json key, llama.cpp's deepseek2 key, default, minimum
+    ("q_lora_rank", "q_lora_rank", "attention.q_lora_rank", None, 1),
+    ("kv_lora_rank", "kv_lora_rank", "attention.kv_lora_rank", _REQUIRED, 1),
+    ("moe_intermediate_size", "moe_intermediate_size", "expert_feed_forward_length", _REQUIRED, 1),
+    ("n_routed_experts", "n_routed_experts", "expert_count", _REQUIRED, 1),
+    ("num_experts_per_tok", "num_experts_per_tok", "expert_used_count", _REQUIRED, 1),
+    ("n_shared_experts", "n_shared_experts", "expert_shared_count", 0, 0),
+    ("n_group", "n_group", "expert_group_count", 1, 1),
+    ("topk_group", "topk_group", "expert_group_used_count", 1, 1),
+    ("first_k_dense_replace", "first_k_dense_replace", "leading_dense_block_count", 0, 0),
+    ("num_nextn_predict_layers", "num_nextn_predict_layers", "nextn_predict_layers", 0, 0),
+)
+
+
+def _deepseek_common(config: ModelConfig, f: _Fields, gguf: bool) -> None:
+    """The DeepSeek-V3 fields config.json and GGUF metadata both give, only under other names."""
+    for name, hf_key, gguf_key, default, minimum in _DEEPSEEK_INTS:
+        setattr(config, name, f.int(gguf_key if gguf else hf_key, default, minimum=minimum))
+    config.routed_scaling_factor = f.float("expert_weights_scale" if gguf else "routed_scaling_factor", 1.0)
+
+
 def _deepseek_from_hf(config: ModelConfig, f: _Fields) -> None:
     """DeepSeek-V3 fields of a config.json; only sigmoid scores with the bias-corrected group-limited
     choice (noaux_tc, V3 and R1) are supported."""
@@ -432,22 +453,12 @@ def _deepseek_from_hf(config: ModelConfig, f: _Fields) -> None:
     method = f.str("topk_method", "noaux_tc")
     if scoring != "sigmoid" or method != "noaux_tc":
         raise f.fail(f"DeepSeek routing {scoring}/{method} is not supported (only sigmoid/noaux_tc: V3 and R1)")
-    config.q_lora_rank = f.int("q_lora_rank", None)
-    config.kv_lora_rank = f.int("kv_lora_rank")
+    _deepseek_common(config, f, gguf=False)
     config.qk_nope_head_dim = f.int("qk_nope_head_dim")
     config.qk_rope_head_dim = f.int("qk_rope_head_dim")
     config.v_head_dim = f.int("v_head_dim")
-    config.moe_intermediate_size = f.int("moe_intermediate_size")
-    config.n_routed_experts = f.int("n_routed_experts")
-    config.num_experts_per_tok = f.int("num_experts_per_tok")
-    config.n_shared_experts = f.int("n_shared_experts", 0, minimum=0)
-    config.n_group = f.int("n_group", 1)
-    config.topk_group = f.int("topk_group", 1)
     config.norm_topk_prob = f.bool("norm_topk_prob", True)
-    config.routed_scaling_factor = f.float("routed_scaling_factor", 1.0)
-    config.first_k_dense_replace = f.int("first_k_dense_replace", 0, minimum=0)
     config.rope_interleave = f.bool("rope_interleave", True)
-    config.num_nextn_predict_layers = f.int("num_nextn_predict_layers", 0, minimum=0)
     config.head_dim = config.qk_rope_head_dim  # the rotary part; the other head sizes have their own fields
     config.num_key_value_heads = config.num_attention_heads
 
@@ -466,22 +477,12 @@ def _deepseek_from_gguf(config: ModelConfig, f: _Fields, shapes: dict[str, tuple
     value = f.int("attention.value_length_mla", None) or f.int("attention.value_length")
     if key <= rope:
         raise f.fail(f"deepseek2 key length {key} is not more than the rope dimension {rope}")
-    config.q_lora_rank = f.int("attention.q_lora_rank", None)
-    config.kv_lora_rank = f.int("attention.kv_lora_rank")
+    _deepseek_common(config, f, gguf=True)
     config.qk_nope_head_dim = key - rope
     config.qk_rope_head_dim = rope
     config.v_head_dim = value
-    config.moe_intermediate_size = f.int("expert_feed_forward_length")
-    config.n_routed_experts = f.int("expert_count")
-    config.num_experts_per_tok = f.int("expert_used_count")
-    config.n_shared_experts = f.int("expert_shared_count", 0, minimum=0)
-    config.n_group = f.int("expert_group_count", 1)
-    config.topk_group = f.int("expert_group_used_count", 1)
     config.norm_topk_prob = f.bool("expert_weights_norm", False)
-    config.routed_scaling_factor = f.float("expert_weights_scale", 1.0)
-    config.first_k_dense_replace = f.int("leading_dense_block_count", 0, minimum=0)
     config.rope_interleave = True
-    config.num_nextn_predict_layers = f.int("nextn_predict_layers", 0, minimum=0)
     config.head_dim = rope
     config.num_key_value_heads = config.num_attention_heads
     if config.rope_scaling is not None and config.rope_scaling.get("rope_type") == "yarn":

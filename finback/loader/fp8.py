@@ -37,10 +37,8 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, in
     return -(-shape[0] // block[0]), -(-shape[1] // block[1])
 
 
-def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """weight [N, K] float8_e4m3fn (or its raw bytes as uint8), scale_inv [ceil(N/bn), ceil(K/bk)]
-    -> weight * scale of its block, computed in float32 and returned in `dtype`."""
+def _checked_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """`weight` as float8_e4m3fn (raw uint8 bytes are viewed so), after checking its scale grid."""
     if weight.dtype == torch.uint8:
         weight = weight.view(torch.float8_e4m3fn)
     if weight.dtype != torch.float8_e4m3fn:
@@ -49,6 +47,14 @@ def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: t
     if tuple(scale_inv.shape) != expected:
         raise ValueError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}; a {tuple(weight.shape)} weight in "
                          f"{block[0]}x{block[1]} blocks needs {expected}")
+    return weight
+
+
+def dequantize_block_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """weight [N, K] float8_e4m3fn (or its raw bytes as uint8), scale_inv [ceil(N/bn), ceil(K/bk)]
+    -> weight * scale of its block, computed in float32 and returned in `dtype`."""
+    weight = _checked_fp8(weight, scale_inv, block)
     n, k = weight.shape
     scale = scale_inv.float().repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]
     return (weight.float() * scale).to(dtype)
@@ -60,15 +66,7 @@ class BlockFP8Tensor:
     the end of a dimension); `dequantize` gives the real weight."""
 
     def __init__(self, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)):
-        if weight.dtype == torch.uint8:
-            weight = weight.view(torch.float8_e4m3fn)
-        if weight.dtype != torch.float8_e4m3fn:
-            raise ValueError(f"block FP8 weight must be float8_e4m3fn, got {weight.dtype}")
-        expected = scale_shape(tuple(weight.shape), block)
-        if tuple(scale_inv.shape) != expected:
-            raise ValueError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}; a {tuple(weight.shape)} weight "
-                             f"in {block[0]}x{block[1]} blocks needs {expected}")
-        self.weight = weight
+        self.weight = _checked_fp8(weight, scale_inv, block)
         self.scale_inv = scale_inv.float()
         self.block = (int(block[0]), int(block[1]))
         self.shape = weight.shape

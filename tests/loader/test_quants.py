@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from fbtest import assert_bits_equal, finite_f16_bits, ref_dequant
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
@@ -27,47 +28,17 @@ F16_FIELDS = {
 }
 
 
-def _finite_f16_bits(rng: np.random.Generator, n: int) -> np.ndarray:
-    """n random finite fp16 bit patterns (every exponent, subnormals and zero included)."""
-    bits = rng.integers(0, 0x7C00, size=n, dtype=np.uint16)
-    return bits | (rng.integers(0, 2, size=n, dtype=np.uint16) << 15)
-
-
 def random_blocks(qtype: T, n_blocks: int, seed: int, finite: bool = True) -> np.ndarray:
     """n_blocks random blocks of qtype as flat uint8; with finite=True every fp16 is finite."""
     rng = np.random.default_rng(seed)
     _, type_size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
     if finite and qtype == T.F16:
-        raw = _finite_f16_bits(rng, n_blocks).view(np.uint8).reshape(n_blocks, 2)
+        raw = finite_f16_bits(rng, n_blocks).view(np.uint8).reshape(n_blocks, 2)
     elif finite and qtype in F16_FIELDS:
         for at in F16_FIELDS[qtype]:
-            raw[:, at : at + 2] = _finite_f16_bits(rng, n_blocks).view(np.uint8).reshape(-1, 2)
+            raw[:, at : at + 2] = finite_f16_bits(rng, n_blocks).view(np.uint8).reshape(-1, 2)
     return raw.reshape(-1)
-
-
-def ref_dequant(raw: np.ndarray, qtype: T) -> torch.Tensor:
-    with np.errstate(all="ignore"):
-        return torch.from_numpy(np.array(gguf.quants.dequantize(raw, qtype), dtype=np.float32).reshape(-1))
-
-
-def assert_bits_equal(got: torch.Tensor, ref: torch.Tensor, nan_aware: bool = False) -> None:
-    got = got.reshape(-1)
-    ref = ref.reshape(-1)
-    assert got.dtype == torch.float32 and got.shape == ref.shape
-    if nan_aware:
-        # NaN payloads/signs produced by arithmetic (NaN*q, inf*0) depend on the instruction used;
-        # only where both are NaN is the bit pattern allowed to differ.
-        gn, rn = torch.isnan(got), torch.isnan(ref)
-        assert torch.equal(gn, rn), f"NaN positions differ at {torch.nonzero(gn != rn)[:5].tolist()}"
-        got, ref = got[~gn], ref[~rn]
-    gi, ri = got.view(torch.int32), ref.view(torch.int32)
-    if not torch.equal(gi, ri):
-        bad = torch.nonzero(gi != ri)[:5].reshape(-1)
-        raise AssertionError(
-            f"{int((gi != ri).sum())} values differ; first at {bad.tolist()}: "
-            f"got {got[bad].tolist()} want {ref[bad].tolist()}"
-        )
 
 
 def shapes_for(qtype: T, n_blocks: int) -> list[tuple[int, ...]]:

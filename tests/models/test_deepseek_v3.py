@@ -15,7 +15,12 @@ import random
 import numpy as np
 import pytest
 import torch
-from fbtest import assert_greedy_matches, greedy_reference
+from fbtest import (
+    assert_greedy_matches,
+    greedy_reference,
+    tiny_deepseek_v3,
+    tiny_deepseek_v3_config,
+)
 
 from finback import LLM, SamplingParams
 from finback.layers.mla import mla_decode_ref
@@ -27,55 +32,14 @@ from finback.loader.fp8 import quantize_block_fp8
 from finback.models.registry import build_model
 from finback.runtime.model_runner import ModelRunner, kv_bytes_per_token
 
-VOCAB = 512
+VOCAB = tiny_deepseek_v3_config()["vocab_size"]
 N_NEW = 12
-
-
-def _hf_config(**over):
-    import transformers
-
-    kw = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, moe_intermediate_size=64, num_hidden_layers=3,
-              num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=32,
-              routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=64, qk_rope_head_dim=64, v_head_dim=128,
-              qk_nope_head_dim=128, n_group=4, topk_group=2, num_experts_per_tok=4, first_k_dense_replace=1,
-              norm_topk_prob=True, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
-              rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 16.0,
-                               "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
-                               "mscale": 1.0, "mscale_all_dim": 1.0})
-    kw.update(over)
-    return transformers.DeepseekV3Config(**kw)
-
-
-def _tiny_model(seed=0, spread=1.5, bias_spread=0.1, **over):
-    """Random weights with a wide spread (clear greedy choices; 1.5 / sqrt(fan_in)) and a random
-    routing bias."""
-    import transformers
-
-    torch.manual_seed(seed)
-    model = transformers.DeepseekV3ForCausalLM(_hf_config(**over)).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5 * spread)
-        for layer in model.model.layers[model.config.first_k_dense_replace:]:
-            layer.mlp.gate.e_score_correction_bias.copy_(bias_spread * torch.randn_like(layer.mlp.gate.e_score_correction_bias))
-    return model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny shapes: one intra-op thread is faster than two fighting over a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    model = _tiny_model()
+    model = tiny_deepseek_v3()
     folder = str(tmp_path_factory.mktemp("dsv3") / "st")
     model.save_pretrained(folder, safe_serialization=True)
     return model, folder
@@ -86,7 +50,7 @@ def steady(tmp_path_factory):
     """For the quantized checkpoints: a smaller spread, and routing biases wide enough that the
     quantization noise does not flip expert choices (a flip changes a token's output discretely, and
     the tiny model above flips on noise as small as F16's), so the logits error is the weights'."""
-    model = _tiny_model(seed=1, spread=0.5, bias_spread=2.0)
+    model = tiny_deepseek_v3(seed=1, spread=0.5, bias_spread=2.0)
     folder = str(tmp_path_factory.mktemp("dsv3") / "steady")
     model.save_pretrained(folder, safe_serialization=True)
     return model, folder
@@ -449,7 +413,7 @@ def test_gguf_deepseek2(steady, tmp_path, qtype, split_kv_b, shards):
 # ---------------------------------------------------------------- pieces against transformers' own
 
 def test_router_matches_transformers():
-    model = _tiny_model(seed=3)
+    model = tiny_deepseek_v3(seed=3)
     gate = model.model.layers[1].mlp.gate
     x = torch.randn(64, model.config.hidden_size)
     _, w_ref, ids_ref = gate(x)
@@ -461,7 +425,7 @@ def test_router_matches_transformers():
 
 
 def test_fused_moe_ref_matches_transformers():
-    model = _tiny_model(seed=4)
+    model = tiny_deepseek_v3(seed=4)
     experts = model.model.layers[1].mlp.experts
     x = torch.randn(40, model.config.hidden_size)
     ids = torch.stack([torch.randperm(32)[:4] for _ in range(40)])

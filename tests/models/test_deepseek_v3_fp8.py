@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from fbtest import tiny_deepseek_v3, tiny_deepseek_v3_config
 
 from finback.layers.attention import AttentionMetadata
 from finback.layers.linear import (
@@ -25,47 +26,22 @@ from finback.loader.dummy import DummyCheckpoint
 from finback.loader.fp8 import BlockFP8Tensor, dequantize_block_fp8, quantize_block_fp8
 from finback.runtime.model_runner import ModelRunner
 
-VOCAB = 512
+VOCAB = tiny_deepseek_v3_config()["vocab_size"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 FP8_CFG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 
 
 def _config(moe_inter: int, **over) -> dict:
-    cfg = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, moe_intermediate_size=moe_inter,
-               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
-               n_routed_experts=16, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=64,
-               qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=4, topk_group=2,
-               num_experts_per_tok=4, first_k_dense_replace=1, norm_topk_prob=True, max_position_embeddings=1024,
-               bos_token_id=1, eos_token_id=2,
-               rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 16.0,
-                                "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
-                                "mscale": 1.0, "mscale_all_dim": 1.0})
-    cfg.update(over)
-    return cfg
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    return tiny_deepseek_v3_config(n_routed_experts=16, moe_intermediate_size=moe_inter, **over)
 
 
 @pytest.fixture(scope="module", params=[128, 64], ids=["fp8-experts", "dense-experts"])
 def fp8_checkpoint(request, tmp_path_factory):
     """transformers' DeepseekV3 with random weights (spread 1.5 / sqrt(fan_in): clear greedy choices),
     saved with every projection weight as e4m3 + weight_scale_inv, as DeepSeek ships them."""
-    import transformers
     from safetensors.torch import load_file, save_file
 
-    torch.manual_seed(3)
-    model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**_config(request.param))).float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 2.0 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5 * 1.5)
+    model = tiny_deepseek_v3(seed=3, bias_spread=0.0, n_routed_experts=16, moe_intermediate_size=request.param)
     folder = tmp_path_factory.mktemp("dsv3fp8") / f"i{request.param}"
     model.save_pretrained(str(folder), safe_serialization=True)
     state = load_file(str(folder / "model.safetensors"))

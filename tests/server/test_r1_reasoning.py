@@ -8,9 +8,7 @@ import json
 import urllib.request
 
 import pytest
-import torch
-
-from fbtest import live_server, tiny_hf_model, tokenizer_metadata, write_gguf
+from fbtest import fit_r1_tiny, live_server
 
 openai = pytest.importorskip("openai")
 ollama = pytest.importorskip("ollama")
@@ -22,29 +20,8 @@ ANSWER = "The answer is 4."
 
 @pytest.fixture(scope="module")
 def r1_server(tmp_path_factory, r1_part_path):
-    from finback.prompt.template import ChatTemplate
-    from finback.tokenizer import Tokenizer
-
-    meta = tokenizer_metadata(r1_part_path)
-    tok = Tokenizer.from_gguf(meta)
-    template = ChatTemplate(tok.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token)
-    prompt_ids = tok.encode(template.render([{"role": "user", "content": QUESTION}]))
-    answer_ids = tok.encode(f"<think>\n{REASONING}\n</think>\n\n{ANSWER}") + [tok.eos_token_id]
-    ids = torch.tensor([prompt_ids + answer_ids])
-    labels = ids.clone()
-    labels[:, :len(prompt_ids)] = -100
-    model = tiny_hf_model("qwen2", seed=7, vocab=len(meta["tokenizer.ggml.tokens"]), hidden=64).train()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(300):
-        loss = model(ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.005:
-            break
-    model.eval()
     tmp = tmp_path_factory.mktemp("r1")
-    path = write_gguf(model, str(tmp / "r1-tiny.gguf"), "F32", tokenizer_metadata=meta)
+    path = fit_r1_tiny(r1_part_path, str(tmp / "r1-tiny.gguf"), QUESTION, REASONING, ANSWER)
     with live_server(tmp / "models", {"FINBACK_API_KEY": None},
                      ("--kv-cache-space-gb", "0.1", "--dtype", "float32")) as srv:
         body = json.dumps({"model": "r1-tiny", "from": path, "stream": False}).encode()
