@@ -3,18 +3,28 @@ memory.
 
 W [N, K] is kept as llama.cpp stores it: each row is K/QK blocks of the type's bytes (uint8
 [N, K/QK*block_bytes], rows may be a strided view). A block splits into groups of GS values that share
-one scale (and, for some types, one min): w = scale * q - min with q a small integer. Kernels take a
-tile of whole groups, decode q, scale and min in registers, and never write W back.
+one scale (and, for some types, one min): w = scale * q - min with q a small integer. Kernels decode a
+tile of whole groups in registers and never write W back.
 
-- `gguf_gemv` (decode, M <= 16): split-K over a grid of (N / BN, splits) programs, each reading its
-  weight bytes once and keeping every row of x's dot products in fp32: per group it sums q * x in
-  fp32, then applies the group's scale and min once (sum(w x) = scale * sum(q x) - min * sum(x)).
-  Splits write fp32 partials, summed in a fixed order (deterministic).
-- `gguf_gemm` (prefill, large M): per (M tile, N tile) program, decodes a [BN, BK] weight tile into
-  registers (w = scale * q - min, the same fp32 operations as the reference dequantization) and feeds
-  it to tl.dot in x's dtype (bf16 on the GPU path; tensor cores), fp32 accumulation. Programs that
-  share a weight tile run next to each other (the tile comes from L2 for all but the first); when
-  there are too few output tiles to fill the GPU, K is split as in the GEMV.
+Decoding: `_w_parts` reads Q4_K, Q6_K, Q8_0, Q2_K and IQ1_S (what Q4_K_M files and the small 671B
+quants hold) as whole words: int32 loads (Q4_K, Q2_K, Q6_K; Q6_K's 210-byte blocks start at 2 mod 4
+every other block, their words are funnelled from two aligned ones) or int16 loads (Q8_0, IQ1_S), one
+per 2-4 quant bytes, coalesced along the row, then shifts and masks in registers. The tile is a
+broadcast over small axes (unit, group, word, byte) whose row-major order is K order, so it flattens
+to [BN, BK] without a permutation. Every other type (and rows that are not 4-byte aligned) goes
+through `_tile`, a per-value byte gather (also the routed-expert kernel's decoder, gguf_moe.py).
+
+- `gguf_gemv` (decode, M <= 16). M < GEMV_MMA_MIN_M: `_gemv_kernel` on CUDA cores: per step a
+  [BN, BK] weight tile, one fp32 accumulator per (row of x, weight): one FMA per weight and row, the
+  sum over K once after the loop. Larger M: `_mm_kernel` with a 16-row x tile and the weight rows on
+  the MMA's M side ("swap AB": tl.dot(w, x^T)).
+- `gguf_gemm` (prefill): `_mm_kernel`, a decoded [BN, BK] weight tile per step fed to tl.dot in x's
+  dtype (bf16: tensor cores; fp32: input_precision="ieee", exact fp32 and not TF32), fp32
+  accumulation; programs that share a weight tile run next to each other (it comes from L2 for all
+  but the first).
+- Both split K when there are too few output tiles to fill the GPU: the splits write fp32 partials,
+  and the one that finishes last (a per-tile arrival counter) sums them in split order, so the
+  result is deterministic and one launch does it all (CUDA-graph friendly; counters re-arm).
 - `gguf_matmul_ref`: `finback.loader.quants.dequantize` then a float32 torch matmul. It is the
   reference the kernels are tested against and the CPU path.
 
@@ -35,9 +45,9 @@ IQ types (i-quants) read their codebooks (finback/loader/iq_grids.py, passed as 
 gathers that stay in L1; each branch of `_tile` states its layout. IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS,
 IQ3_S, IQ1_S, IQ1_M, IQ4_NL and IQ4_XS are taken.
 
-Default tile sizes were picked from ptxas's register counts for sm_90 (no spills; GEMV ~50-100
-registers, GEMM 64x64x32 on 4 warps and 128x64x32 on 8), not yet from timings: bench/gguf_kernels.py
---sweep times alternatives.
+Default tiles were picked from the sm_90 machine code (register counts without spills, instructions
+per weight in the main loop, compiled offline with triton's ptxas), not yet from timings:
+bench/gguf_kernels.py --sweep times alternatives.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ import functools
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from finback.kernels import HAS_TRITON
+from finback.kernels import HAS_TRITON, interpreting
 
 if HAS_TRITON:
     import triton
@@ -65,6 +75,7 @@ _GROUPS: dict[GGMLQuantizationType, tuple[int, bool]] = {
 KERNEL_TYPES: frozenset[GGMLQuantizationType] = frozenset(_GROUPS)
 
 GEMV_MAX_M = 16
+GEMV_MMA_MIN_M = 3  # gguf_gemv's CUDA-core kernel below this many rows of x, tensor cores from it
 
 
 def _check(x: torch.Tensor, data: torch.Tensor, qtype, k: int, out: torch.Tensor | None,
@@ -379,66 +390,260 @@ if HAS_TRITON:
         return q, sc, mn
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, h_ptr, t_ptr, y_ptr, M, N, K, stride_xm, stride_w, stride_ys, stride_ym, k_split,
-                     QT: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        NG: tl.constexpr = BK // GS
-        rows = pid_n * BN + tl.arange(0, BN)
-        rmask = rows < N
-        row_off = rows.to(tl.int64) * stride_w
-        mi = tl.arange(0, BM)
-        i = tl.arange(0, GS)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        k_lo = pid_k * k_split
-        k_hi = tl.minimum(k_lo + k_split, K)
-        for k0 in range(k_lo, k_hi, BK):
-            g = k0 // GS + tl.arange(0, NG)
-            gmask = g < k_hi // GS
-            q, sc, mn = _tile(w_ptr, h_ptr, t_ptr, row_off, rmask, g, gmask, QT, GS)
-            kk = (g * GS)[:, None] + i[None, :]
-            for m in tl.static_range(BM):  # rows past M re-read row M-1; their sums are not stored
-                xm = tl.load(x_ptr + tl.minimum(m, M - 1) * stride_xm + kk, mask=gmask[:, None], other=0.0)
-                xm = xm.to(tl.float32)
-                part = tl.sum(q * xm[None, :, :], axis=2) * sc
-                if HAS_MIN:
-                    part -= mn * tl.sum(xm, axis=1)[None, :]
-                acc += tl.where(mi[:, None] == m, tl.sum(part, axis=1)[None, :], 0.0)
-        ys = y_ptr + pid_k * stride_ys + mi[:, None] * stride_ym + rows[None, :]
-        tl.store(ys, acc.to(y_ptr.dtype.element_ty), mask=(mi[:, None] < M) & rmask[None, :])
+    def _w_parts(w_ptr, h_ptr, w32_ptr, t_ptr, row_off, k0, k_hi, QT: tl.constexpr, BK: tl.constexpr,
+                 UNIT: tl.constexpr, G: tl.constexpr, A: tl.constexpr, B: tl.constexpr):
+        """Values k0..k0+BK of the rows at byte offsets row_off, read as whole words: int32 loads (Q4_K,
+        Q2_K, Q6_K; rows 4-byte aligned) or int16 loads (Q8_0, IQ1_S), one per 4 or 2 quant bytes,
+        quants split out with shifts and masks in registers. Returns q [BN, U, G, A, B] (float32
+        quants; row-major over (U, G, A, B) is the values' order, U units of UNIT values; UNIT, G, A, B
+        are the type's `_PARTS` entry) and the scale
+        and min [BN, U, G] of each (unit, G) group: w = scale * q - min (min: zeros where the type has
+        none). kidx [U, G, A, B]: the values' offsets from k0. Units past k_hi re-read the last one
+        (finite weights; x is 0 there)."""
+        BN: tl.constexpr = row_off.shape[0]
+        U: tl.constexpr = BK // UNIT
+        gu = tl.minimum(k0 // UNIT + tl.arange(0, U), k_hi // UNIT - 1)  # the units, clamped to K
+        t2 = tl.arange(0, 2)
+        if QT == _Q4_K:
+            # unit: a 64-value chunk c of a super-block = qs bytes 32c..32c+31 (8 words); low nibble of
+            # byte 4w+t is value 4w+t of sub-block 2c, the high nibble the same of sub-block 2c+1
+            c = gu % 4
+            base = row_off[:, None] + ((gu // 4) * 144)[None, :]  # [BN, U]
+            b3 = base[:, :, None]
+            j = (2 * c)[:, None] + t2[None, :]  # [U, 2] sub-block
+            jj = (j % 4)[None, :, :]
+            qa = tl.load(w_ptr + b3 + 4 + jj).to(tl.int32)
+            qb = tl.load(w_ptr + b3 + 8 + jj).to(tl.int32)
+            qc = tl.load(w_ptr + b3 + 12 + jj).to(tl.int32)
+            low = (j < 4)[None, :, :]
+            s6 = tl.where(low, qa & 63, (qc & 15) | ((qa >> 6) << 4))
+            m6 = tl.where(low, qb & 63, (qc >> 4) | ((qb >> 6) << 4))
+            hb = base // 2
+            sc = tl.load(h_ptr + hb).to(tl.float32)[:, :, None] * s6.to(tl.float32)  # [BN, U, 2]
+            mn = tl.load(h_ptr + hb + 1).to(tl.float32)[:, :, None] * m6.to(tl.float32)
+            wd = tl.load(w32_ptr + (base // 4 + 4 + (8 * c)[None, :])[:, :, None] + tl.arange(0, 8)[None, None, :])
+            sh = 4 * t2[:, None, None] + 8 * tl.arange(0, 4)[None, None, :]  # [2 (nibble), 1, 4 (byte)]
+            q = _float((wd[:, :, None, :, None] >> sh[None, None, :, :, :]) & 15, 0.0)  # [BN, U, 2, 8, 4]
+        elif QT == _Q2_K:
+            # unit: 32 values u of a super-block: qs bytes 32*(u//4) + l, bits 2*(u%4); l = 16p + 4w + t
+            # (word w of half p), group 2u + p
+            u = gu % 8
+            base = row_off[:, None] + ((gu // 8) * 84)[None, :]
+            s = tl.load(w_ptr + base[:, :, None] + (2 * u)[None, :, None] + t2[None, None, :]).to(tl.int32)
+            hb = base // 2
+            sc = tl.load(h_ptr + hb + 40).to(tl.float32)[:, :, None] * (s & 15).to(tl.float32)
+            mn = tl.load(h_ptr + hb + 41).to(tl.float32)[:, :, None] * (s >> 4).to(tl.float32)
+            widx = (4 * t2)[:, None] + tl.arange(0, 4)[None, :]  # [2, 4]
+            wd = tl.load(w32_ptr + (base // 4 + 4 + (8 * (u // 4))[None, :])[:, :, None, None] + widx[None, None, :, :])
+            sh = (2 * (u % 4))[:, None, None, None] + 8 * tl.arange(0, 4)[None, None, None, :]  # [U, 1, 1, 4]
+            q = _float((wd[:, :, :, :, None] >> sh[None, :, :, :, :]) & 3, 0.0)  # [BN, U, 2, 4, 4]
+        elif QT == _Q6_K:
+            # unit: 32 values u of a super-block, a = u//4, r = 32*(u%4) + l: low nibble (u%4)//2 of ql
+            # byte 64a + 32*(u%2) + l, bits 2*(u%4) of qh byte 32a + l; l = 16p + 4w + t (byte t of word
+            # w of half p); group 2u + p (int8 scale). A 210-byte block starts at 2 mod 4 every other
+            # block: its words are then funnelled from two aligned ones.
+            u = gu % 8
+            a = u // 4
+            up = u % 4
+            base = row_off[:, None] + ((gu // 8) * 210)[None, :]
+            s = tl.load(w_ptr + base[:, :, None] + 192 + (2 * u)[None, :, None] + t2[None, None, :]).to(tl.int32)
+            sc = tl.load(h_ptr + base // 2 + 104).to(tl.float32)[:, :, None] * (s - ((s >> 7) << 8)).to(tl.float32)
+            mn = sc
+            widx = (4 * t2)[:, None] + tl.arange(0, 4)[None, :]  # [2, 4]
+            odd = ((base & 2) != 0)[:, :, None, None]
+            bw = (base // 4)[:, :, None, None] + widx[None, None, :, :]
+            at = bw + (16 * a + 8 * (up % 2))[None, :, None, None]
+            lo = tl.where(odd, ((tl.load(w32_ptr + at) >> 16) & 0xFFFF) | (tl.load(w32_ptr + at + 1) << 16),
+                          tl.load(w32_ptr + at))
+            at = bw + (32 + 8 * a)[None, :, None, None]
+            hi = tl.where(odd, ((tl.load(w32_ptr + at) >> 16) & 0xFFFF) | (tl.load(w32_ptr + at + 1) << 16),
+                          tl.load(w32_ptr + at))
+            shl = (4 * (up // 2))[:, None, None, None] + 8 * tl.arange(0, 4)[None, None, None, :]  # [U, 1, 1, 4]
+            shh = (2 * up)[:, None, None, None] + 8 * tl.arange(0, 4)[None, None, None, :]
+            v = (((lo[:, :, :, :, None] >> shl[None, :, :, :, :]) & 15)
+                 | (((hi[:, :, :, :, None] >> shh[None, :, :, :, :]) & 3) << 4))
+            q = _float(v, 32.0)  # [BN, U, 2, 4, 4]
+        elif QT == _Q8_0:
+            # unit: a block, d | 32 int8: value 2p + t is byte t of halfword 1 + p
+            hb = (row_off[:, None] + (gu * 34)[None, :]) // 2
+            sc = tl.load(h_ptr + hb).to(tl.float32)[:, :, None]  # [BN, U, 1]
+            mn = sc
+            hw = tl.load(h_ptr + hb[:, :, None, None] + 1 + tl.arange(0, 16)[None, None, None, :])
+            hw = hw.to(tl.int16, bitcast=True).to(tl.int32)  # [BN, U, 1, 16]
+            q = _float(((hw[:, :, :, :, None] >> (8 * t2)[None, None, None, None, :]) & 255) ^ 128, 128.0)
+        else:
+            tl.static_assert(QT == _IQ1_S, "no word-load path for this type")
+            # unit: group j of 32 = 4 grid rows r of 8; d | qs[32] | qh u16[8] at 34: row r's index is
+            # qs byte 4j + r | bits 3r..3r+2 of qh[j] << 8; qh bits 12..14 scale s, 15 delta sign.
+            # A grid row is 8 int8 in two int32 (t_ptr: the packed grid as int32)
+            j = gu % 8
+            base = row_off[:, None] + ((gu // 8) * 50)[None, :]
+            hb = base // 2
+            qh = tl.load(h_ptr + hb + 17 + j[None, :]).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            sc = (tl.load(h_ptr + hb).to(tl.float32) * (2 * ((qh >> 12) & 7) + 1).to(tl.float32))[:, :, None]
+            mn = sc
+            delta = tl.where((qh & 0x8000) != 0, -0.125, 0.125)
+            r = tl.arange(0, 4)
+            idx = (tl.load(w_ptr + (base + 2 + 4 * j[None, :])[:, :, None] + r[None, None, :]).to(tl.int32)
+                   | (((qh[:, :, None] >> (3 * r)[None, None, :]) & 7) << 8))  # [BN, U, 4]
+            g = tl.load(t_ptr + 2 * idx[:, :, :, None] + t2[None, None, None, :])  # [BN, U, 4, 2]
+            v = ((g[:, :, :, :, None] << (24 - 8 * tl.arange(0, 4))[None, None, None, None, :]) >> 24) + 1
+            q = _float(v, 1.0) + delta[:, :, None, None, None]  # [BN, U, 4, 2, 4]
+        kidx = (((BK // U) * tl.arange(0, U))[:, None, None, None] + ((A * B) * tl.arange(0, G))[None, :, None, None]
+                + (B * tl.arange(0, A))[None, None, :, None] + tl.arange(0, B)[None, None, None, :])
+        return q, sc, mn, kidx
 
     @triton.jit
-    def _gemm_kernel(x_ptr, w_ptr, h_ptr, t_ptr, y_ptr, M, N, K, stride_xm, stride_w, stride_ys, stride_ym,
-                     k_split,
-                     QT: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    def _w_fast(w_ptr, h_ptr, w32_ptr, t_ptr, row_off, k0, k_hi, QT: tl.constexpr, BK: tl.constexpr,
+                UNIT: tl.constexpr, G: tl.constexpr, A: tl.constexpr, B: tl.constexpr):
+        """The weights [BN, BK] (float32, K in order) of `_w_parts`."""
+        q, sc, mn, kidx = _w_parts(w_ptr, h_ptr, w32_ptr, t_ptr, row_off, k0, k_hi, QT, BK, UNIT, G, A, B)
+        if QT == _Q4_K or QT == _Q2_K:
+            w = q * sc[:, :, :, None, None] - mn[:, :, :, None, None]
+        else:
+            w = q * sc[:, :, :, None, None]
+        return tl.reshape(w, (row_off.shape[0], BK))
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, h_ptr, w32_ptr, t_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_w,
+                     stride_ym, k_split,
+                     QT: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr, FAST: tl.constexpr,
+                     UNIT: tl.constexpr, G: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr):
+        """CUDA-core GEMV for BM (static, padded M) rows of x. Word-load types: one fp32 accumulator per
+        (row of x, weight), so w * x is one FMA per weight and row and K is summed once after the loop
+        (M = 1 keeps the tile in `_w_parts`'s shape, x loaded in it). Others (`_tile`): per group
+        scale * sum(q x) - min * sum(x)."""
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid * BN + tl.arange(0, BN)
+        row_off = tl.minimum(rn, N - 1).to(tl.int64) * stride_w
+        mi = tl.arange(0, BM)
+        x_rows = x_ptr + tl.minimum(mi, M - 1).to(tl.int64) * stride_xm  # rows past M re-read row M-1
+        k_lo = pid_k * k_split
+        k_hi = tl.minimum(k_lo + k_split, K)
+        if FAST:
+            if BM == 1:
+                acc = tl.zeros((G, B, BN, BK // UNIT, A), dtype=tl.float32)  # q's axes permuted as below
+            else:
+                acc = tl.zeros((BM, BN, BK), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BK):
+                if BM == 1:
+                    q, sc, mn, kidx = _w_parts(w_ptr, h_ptr, w32_ptr, t_ptr, row_off, k0, k_hi, QT, BK, UNIT, G, A, B)
+                    if QT == _Q4_K or QT == _Q2_K:
+                        w = q * sc[:, :, :, None, None] - mn[:, :, :, None, None]
+                    else:
+                        w = q * sc[:, :, :, None, None]
+                    kx = k0 + kidx
+                    if EVEN_K:
+                        xv = tl.load(x_ptr + kx).to(tl.float32)
+                    else:
+                        xv = tl.load(x_ptr + kx, mask=kx < k_hi, other=0.0).to(tl.float32)
+                    # the axes that share a loaded word (G, B) outermost: each thread then keeps a
+                    # word's values in its registers (Triton gives threads the innermost axes)
+                    acc += tl.permute(w, (2, 4, 0, 1, 3)) * tl.permute(xv, (1, 3, 0, 2))[:, :, None, :, :]
+                else:
+                    w = _w_fast(w_ptr, h_ptr, w32_ptr, t_ptr, row_off, k0, k_hi, QT, BK, UNIT, G, A, B)
+                    kx = k0 + tl.arange(0, BK)
+                    if EVEN_K:
+                        xv = tl.load(x_rows[:, None] + kx[None, :]).to(tl.float32)
+                    else:
+                        xv = tl.load(x_rows[:, None] + kx[None, :], mask=kx[None, :] < k_hi, other=0.0).to(tl.float32)
+                    acc += w[None, :, :] * xv[:, None, :]
+            if BM == 1:
+                out = tl.sum(tl.sum(tl.sum(tl.sum(acc, axis=4), axis=3), axis=1), axis=0)[None, :]
+            else:
+                out = tl.sum(acc, axis=2)
+        else:
+            out = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BK):
+                g = k0 // GS + tl.arange(0, BK // GS)
+                gmask = g < k_hi // GS
+                q, sc, mn = _tile(w_ptr, h_ptr, t_ptr, row_off, rn >= 0, g, gmask, QT, GS)
+                kx = (g * GS)[:, None] + tl.arange(0, GS)[None, :]
+                for m in tl.static_range(BM):
+                    xv = tl.load(x_ptr + tl.minimum(m, M - 1) * stride_xm + kx, mask=gmask[:, None], other=0.0)
+                    xv = xv.to(tl.float32)
+                    s = tl.sum(q * xv[None, :, :], axis=2) * sc  # [BN, NG]
+                    if HAS_MIN:
+                        s -= mn * tl.sum(xv, axis=1)[None, :]
+                    out += tl.where(mi[:, None] == m, tl.sum(s, axis=1)[None, :], 0.0)
+        _store(out, y_ptr, ws_ptr, lock_ptr, pid, pid_k, mi, rn, M, N, stride_ym, SPLIT)
+
+    @triton.jit
+    def _store(acc, y_ptr, ws_ptr, lock_ptr, pid, pid_k, rm, rn, M, N, stride_ym, SPLIT: tl.constexpr):
+        """acc [BM, BN] (fp32) into y; split K: fp32 partials, and the split that finishes last sums
+        them in split order (deterministic), writes y and re-arms the tile's counter for the next call."""
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
+        ys = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+        if SPLIT:
+            mn = (pid_k * 0).to(tl.int64) + M * N  # int64 stride between splits
+            parts = ws_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+            tl.store(parts + pid_k * mn, acc, mask=mask)
+            tl.debug_barrier()
+            if tl.atomic_add(lock_ptr + pid, 1) == tl.num_programs(1) - 1:
+                tot = tl.zeros(acc.shape, dtype=tl.float32)
+                for s in range(0, tl.num_programs(1)):
+                    tot += tl.load(parts + s * mn, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(ys, tot.to(y_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(lock_ptr + pid, 0)
+        else:
+            tl.store(ys, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _mm_kernel(x_ptr, w_ptr, h_ptr, w32_ptr, t_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_w,
+                   stride_ym, k_split,
+                   QT: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr, FAST: tl.constexpr,
+                   UNIT: tl.constexpr, G: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr,
+                   PREC: tl.constexpr, WIDEN: tl.constexpr, EVEN_K: tl.constexpr):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_m = tl.cdiv(M, BM)
         pid_m = pid % num_m  # programs that share a weight tile run next to each other
         pid_n = pid // num_m
-        NG: tl.constexpr = BK // GS
-        rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
-        nmask = rn < N
-        row_off = rn.to(tl.int64) * stride_w
+        row_off = tl.minimum(rn, N - 1).to(tl.int64) * stride_w  # rows past N re-read row N-1, not stored
+        rm = pid_m * BM + tl.arange(0, BM)
         x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if SWAP:  # weight rows are the MMA's M side: small M wastes nothing of a 64-row MMA
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
         k_lo = pid_k * k_split
         k_hi = tl.minimum(k_lo + k_split, K)
         for k0 in range(k_lo, k_hi, BK):
-            g = k0 // GS + tl.arange(0, NG)
-            q, sc, mn = _tile(w_ptr, h_ptr, t_ptr, row_off, nmask, g, g < k_hi // GS, QT, GS)
-            if HAS_MIN:
-                w = q * sc[:, :, None] - mn[:, :, None]
+            if FAST:
+                w = _w_fast(w_ptr, h_ptr, w32_ptr, t_ptr, row_off, k0, k_hi, QT, BK, UNIT, G, A, B)
             else:
-                w = q * sc[:, :, None]
+                g = k0 // GS + tl.arange(0, BK // GS)
+                q, sc, mn = _tile(w_ptr, h_ptr, t_ptr, row_off, rn >= 0, g, g < k_hi // GS, QT, GS)
+                if HAS_MIN:
+                    w = tl.reshape(q * sc[:, :, None] - mn[:, :, None], (BN, BK))
+                else:
+                    w = tl.reshape(q * sc[:, :, None], (BN, BK))
             kk = k0 + tl.arange(0, BK)
-            x = tl.load(x_rows + kk[None, :], mask=(rm < M)[:, None] & (kk < k_hi)[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(tl.reshape(w.to(x.dtype), (BN, BK))), acc)
-        ys = y_ptr + pid_k * stride_ys + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
-        tl.store(ys, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & nmask[None, :])
+            if EVEN_K:  # no mask along K: x's loads vectorize
+                x = tl.load(x_rows + kk[None, :], mask=(rm < M)[:, None], other=0.0)
+            else:
+                x = tl.load(x_rows + kk[None, :], mask=(rm < M)[:, None] & (kk < k_hi)[None, :], other=0.0)
+            if WIDEN:  # the interpreter's tl.dot mishandles 16-bit tiles
+                x = x.to(tl.float32)
+            w = w.to(x.dtype)
+            if SWAP:
+                acc = tl.dot(w, tl.trans(x), acc, input_precision=PREC)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=PREC)
+        if SWAP:
+            acc = tl.trans(acc)
+        _store(acc, y_ptr, ws_ptr, lock_ptr, pid, pid_k, rm, rn, M, N, stride_ym, SPLIT)
+
+# types with a word-load decoder (`_w_parts`) -> (whether it needs 4-byte aligned rows, UNIT values per
+# unit, and the (G, A, B) axes a unit's quants come in)
+_PARTS: dict[GGMLQuantizationType, tuple[bool, int, int, int, int]] = {
+    T.Q4_K: (True, 64, 2, 8, 4), T.Q2_K: (True, 32, 2, 4, 4), T.Q6_K: (True, 32, 2, 4, 4),
+    T.Q8_0: (False, 32, 1, 16, 2), T.IQ1_S: (False, 32, 4, 2, 4),
+}
 
 
 def _table(qt: GGMLQuantizationType, data: torch.Tensor) -> torch.Tensor:
@@ -465,81 +670,112 @@ def _num_sms(device: torch.device) -> int:
     return 1
 
 
-def _splits(out: torch.Tensor, split_k: int | None, tiles: int, per_sm: int, k: int, block_k: int):
-    """Split K so that tiles * splits fills the GPU (about per_sm programs per SM) unless split_k is
-    given. Returns (where the kernel writes, splits, K per split, split stride, row stride): `out`
-    itself for one split, else an fp32 [splits, M, N] buffer of partials."""
-    k_blocks = triton.cdiv(k, block_k)
-    if split_k is None:
-        split_k = triton.cdiv(per_sm * _num_sms(out.device), tiles)
-    split_k = max(1, min(int(split_k), k_blocks))
-    k_split = triton.cdiv(k_blocks, split_k) * block_k
-    split_k = triton.cdiv(k, k_split)
-    if split_k == 1:
-        return out, 1, k_split, 0, out.stride(0)
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _locks(device: torch.device, n: int) -> torch.Tensor:
+    """Per-tile arrival counters of split-K calls: zero between calls (the last split re-arms its own).
+    One buffer per device, grown on demand: calls on one device must not overlap (one stream)."""
+    buf = _LOCKS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _LOCKS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
+
+
+def _matmul(x: torch.Tensor, data: torch.Tensor, qt: GGMLQuantizationType, k: int, out: torch.Tensor, *,
+            block_m: int, block_n: int, block_k: int, swap: bool, split_k: int | None, num_warps: int,
+            num_stages: int, mma: bool = True) -> torch.Tensor:
+    """Launch `_mm_kernel` (mma) or `_gemv_kernel` on x [M, K] -> out [M, N]."""
+    low_n = 16 if mma else 1
+    if block_k < 32 or block_k & (block_k - 1) or block_n < low_n or block_n & (block_n - 1) \
+            or block_m < low_n or block_m & (block_m - 1):
+        raise ValueError(f"block_k must be a power of two >= 32, block_m and block_n powers of two >= {low_n} "
+                         f"(got {block_m}, {block_n}, {block_k})")
     m, n = out.shape
-    return torch.empty(split_k, m, n, dtype=torch.float32, device=out.device), split_k, k_split, m * n, n
+    if m == 0 or n == 0:
+        return out
+    gs, has_min = _GROUPS[qt]
+    words, unit, g, a, b = _PARTS.get(qt, (False, 32, 1, 1, 1))
+    fast = qt in _PARTS and block_k % unit == 0 and (
+        not words or (data.data_ptr() % 4 == 0 and data.stride(0) % 4 == 0))
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    k_iters = triton.cdiv(k, block_k)
+    if split_k is None:  # split K only to fill the GPU, keeping >= 2 K steps per program
+        sms = _num_sms(out.device)
+        split_k = 1 if tiles >= sms else min(triton.cdiv(2 * sms, tiles), max(1, k_iters // 2))
+    split_k = max(1, min(int(split_k), k_iters))
+    k_split = triton.cdiv(k_iters, split_k) * block_k
+    split_k = triton.cdiv(k, k_split)
+    if split_k > 1:
+        ws, locks = torch.empty(split_k, m, n, dtype=torch.float32, device=out.device), _locks(out.device, tiles)
+    else:
+        ws = locks = out
+    if fast and qt == T.IQ1_S:
+        from finback.loader import iq_grids
+
+        table = iq_grids.packed_grid(qt, data.device).view(torch.int32)
+    else:
+        table = _table(qt, data)
+    args = (x, data, data.view(torch.float16), data.view(torch.int32) if fast and words else data, table, out, ws,
+            locks, m, n, k, x.stride(0), data.stride(0), out.stride(0), k_split)
+    if mma:
+        widen = interpreting() and x.dtype != torch.float32
+        _mm_kernel[(tiles, split_k)](
+            *args, QT=int(qt), GS=gs, HAS_MIN=has_min, FAST=fast, UNIT=unit, G=g, A=a, B=b, BM=block_m, BN=block_n,
+            BK=block_k, SWAP=swap,
+            SPLIT=split_k > 1, PREC="ieee" if x.dtype == torch.float32 or widen else "tf32", WIDEN=widen,
+            EVEN_K=k % block_k == 0, num_warps=num_warps, num_stages=num_stages)
+    else:
+        _gemv_kernel[(tiles, split_k)](
+            *args, QT=int(qt), GS=gs, HAS_MIN=has_min, FAST=fast, UNIT=unit, G=g, A=a, B=b, BM=block_m,
+            BN=block_n, BK=block_k, SPLIT=split_k > 1, EVEN_K=k % block_k == 0, num_warps=num_warps, num_stages=num_stages)
+    return out
 
 
 def gguf_gemv(x: torch.Tensor, data: torch.Tensor, qtype, k: int, out: torch.Tensor | None = None, *,
-              split_k: int | None = None, block_n: int = 8, block_k: int = 256, num_warps: int = 4
+              split_k: int | None = None, block_n: int | None = None, block_k: int | None = None,
+              num_warps: int | None = None, num_stages: int = 2, mma: bool | None = None, swap: bool = True
               ) -> torch.Tensor:
     """y = x @ W^T for M <= 16 rows of x, W as GGUF blocks `data` (uint8 [N, K/QK*block_bytes]).
 
-    split_k: how many programs share one row tile's K (default: enough for ~4 programs per SM).
-    block_k must be a multiple of 32 (every type's group size divides it)."""
+    mma=False (default for M < GEMV_MMA_MIN_M): `_gemv_kernel` on CUDA cores, block_n x block_k weights
+    per step (default 16 x 256, 4 warps: 32 weights per thread, the layout whose reductions stay in
+    registers). mma=True: `_mm_kernel` with a 16-row tile of x (rows past M read as zeros) and block_n
+    (default 128 x 64, 8 warps) weight rows on the MMA's M side (swap). Either splits K
+    when there are too few row tiles to fill the GPU (split_k: programs per row tile; default ~2
+    programs per SM, >= 2 K steps each)."""
     _require_triton()
     qt, n = _check(x, data, qtype, k, out)
     m = x.shape[0]
     if m > GEMV_MAX_M:
         raise ValueError(f"gguf_gemv takes at most {GEMV_MAX_M} rows of x, got {m} (use gguf_gemm)")
-    if block_k % 32 or block_k & (block_k - 1) or block_n & (block_n - 1):
-        raise ValueError("block_k must be a power of two >= 32 and block_n a power of two")
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out
-    gs, has_min = _GROUPS[qt]
-    n_tiles = triton.cdiv(n, block_n)
-    y, split_k, k_split, stride_ys, stride_ym = _splits(out, split_k, n_tiles, 4, k, block_k)
-    bm = triton.next_power_of_2(m)
-    _gemv_kernel[(n_tiles, split_k)](
-        x, data, data.view(torch.float16), _table(qt, data), y, m, n, k, x.stride(0), data.stride(0),
-        stride_ys, stride_ym, k_split,
-        QT=int(qt), GS=gs, HAS_MIN=has_min, BM=bm, BN=block_n, BK=block_k, num_warps=num_warps)
-    if split_k > 1:  # partials summed in a fixed order: the same bits every call
-        out.copy_(y.sum(0))
-    return out
+    if mma is None:
+        mma = m >= GEMV_MMA_MIN_M
+    if mma:
+        return _matmul(x, data, qt, k, out, block_m=16, block_n=block_n or 128, block_k=block_k or 64, swap=swap,
+                       split_k=split_k, num_warps=num_warps or 8, num_stages=num_stages)
+    return _matmul(x, data, qt, k, out, block_m=triton.next_power_of_2(max(m, 1)), block_n=block_n or 16,
+                   block_k=block_k or 256, swap=False, split_k=split_k, num_warps=num_warps or 4,
+                   num_stages=num_stages, mma=False)
 
 
 def gguf_gemm(x: torch.Tensor, data: torch.Tensor, qtype, k: int, out: torch.Tensor | None = None, *,
-              block_m: int | None = None, block_n: int = 64, block_k: int = 32, num_warps: int | None = None,
-              num_stages: int = 3, split_k: int | None = None) -> torch.Tensor:
+              block_m: int | None = None, block_n: int = 128, block_k: int = 64, num_warps: int | None = None,
+              num_stages: int = 3, split_k: int | None = None, swap: bool = False) -> torch.Tensor:
     """y = x @ W^T for any M, W as GGUF blocks: a decoded weight tile per program, tl.dot in x's dtype.
 
     split_k: programs per output tile along K (fp32 partials, summed in a fixed order); default: 1,
-    or enough for ~2 programs per SM when the output has fewer tiles than that (small M and N)."""
+    or enough for ~2 programs per SM when the output has fewer tiles than the GPU has SMs."""
     _require_triton()
     qt, n = _check(x, data, qtype, k, out)
     m = x.shape[0]
-    if block_k % 32 or block_k & (block_k - 1) or block_n < 16 or block_n & (block_n - 1):
-        raise ValueError("block_k must be a power of two >= 32 and block_n a power of two >= 16")
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return out
     if block_m is None:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 256 else 128
     if num_warps is None:
-        num_warps = 8 if block_m >= 128 else 4
-    gs, has_min = _GROUPS[qt]
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    y, split_k, k_split, stride_ys, stride_ym = _splits(out, split_k, tiles, 2, k, block_k)
-    _gemm_kernel[(tiles, split_k)](
-        x, data, data.view(torch.float16), _table(qt, data), y, m, n, k, x.stride(0), data.stride(0),
-        stride_ys, stride_ym, k_split,
-        QT=int(qt), GS=gs, HAS_MIN=has_min, BM=block_m, BN=block_n, BK=block_k,
-        num_warps=num_warps, num_stages=num_stages)
-    if split_k > 1:
-        out.copy_(y.sum(0))
-    return out
+        num_warps = 8 if block_m * block_n >= 64 * 128 else 4
+    return _matmul(x, data, qt, k, out, block_m=block_m, block_n=block_n, block_k=block_k, swap=swap,
+                   split_k=split_k, num_warps=num_warps, num_stages=num_stages)
