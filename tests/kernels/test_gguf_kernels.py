@@ -152,3 +152,14 @@ def test_bad_calls():
         gguf_gemm(x, data, T.Q4_K, 256, out=torch.empty(2, 15, device=DEVICE))
     with pytest.raises(ValueError, match="hold 144 bytes"):
         gguf_gemm(x, data[:, :100], T.Q4_K, 256)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q6_K, T.IQ2_XXS], ids=lambda t: t.name)
+def test_prefill_sized_batches_with_the_default_tiles(qtype):
+    """M > 256 takes the 128-row tiles (128 x 64 on 4 warps) that the H100 sweep chose: a partial M tile,
+    a partial N tile, the default configuration throughout."""
+    gen = torch.Generator().manual_seed(7 + int(qtype))
+    n, k = 36, 512
+    data = _blocks(qtype, n, k, gen)
+    x = torch.randn(260, k, generator=gen).to(DEVICE)
+    _check(gguf_gemm(x, data, qtype, k, out=_poisoned(260, n)), x, data, qtype, k)
