@@ -58,16 +58,10 @@ from finback.loader.checkpoint import Checkpoint  # noqa: E402
 from finback.loader.config import ModelConfig  # noqa: E402
 from finback.loader.quants import type_nbytes  # noqa: E402
 from finback.loader.random_blocks import random_blocks  # noqa: E402
+from finback.models.deepseek_v3 import R1_CONFIG  # noqa: E402
 
-R1 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
-      "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
-      "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
-      "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
-      "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
-      "first_k_dense_replace": 3, "norm_topk_prob": True, "max_position_embeddings": 163840,
-      "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False, "num_nextn_predict_layers": 0,
-      "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
-                       "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}}
+# the MTP layer left out; GGUF weights, so no FP8 quantization_config
+R1 = {k: v for k, v in R1_CONFIG.items() if k != "quantization_config"} | {"num_nextn_predict_layers": 0}
 TINY = dict(R1, vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
             num_attention_heads=2, num_key_value_heads=2, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
             topk_group=2, q_lora_rank=256, kv_lora_rank=256, v_head_dim=128, qk_nope_head_dim=64,
