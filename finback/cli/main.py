@@ -30,6 +30,8 @@ def _engine_args(ns) -> dict:
         out["enable_prefix_caching"] = False
     if getattr(ns, "enforce_eager", False):
         out["enforce_eager"] = True
+    if getattr(ns, "async_scheduling", None) is not None:
+        out["async_scheduling"] = ns.async_scheduling
     return out
 
 
@@ -44,6 +46,8 @@ def _serve_argv(ns) -> list[str]:
         argv.append("--no-prefix-caching")
     if getattr(ns, "enforce_eager", False):
         argv.append("--enforce-eager")
+    if getattr(ns, "async_scheduling", None) is not None:
+        argv.append("--async-scheduling" if ns.async_scheduling else "--no-async-scheduling")
     return argv
 
 
@@ -65,6 +69,8 @@ def _add_engine_flags(p: argparse.ArgumentParser, note: str = "") -> None:
     g.add_argument("--gpu-memory-utilization", type=float)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each decode step before reading the last one's tokens (default: on for one GPU)")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:

@@ -27,6 +27,7 @@ class EngineArgs:
     seed: int | None = 0
     load_format: str = "auto"                 # auto | dummy (random weights of the config's shapes; benchmarks)
     enforce_eager: bool = False
+    async_scheduling: bool | None = None      # overlap the host's work with the GPU's (vLLM's name); None: on for one CUDA device
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> "EngineArgs":

@@ -14,7 +14,7 @@ import torch
 
 from finback.engine.arg_utils import EngineArgs
 from finback.engine.block_manager import BlockManager, NoFreeBlocks
-from finback.engine.request import (CompletionOutput, Request, RequestOutput, Sequence)
+from finback.engine.request import PENDING, CompletionOutput, Request, RequestOutput, Sequence
 from finback.engine.sampling import SamplingParams
 from finback.engine.scheduler import Scheduler, SchedulerConfig
 from finback.loader.checkpoint import open_checkpoint
@@ -66,6 +66,13 @@ class LLMEngine:
             raise
         self.load_duration_ns = time.perf_counter_ns() - t0
         self.requests: dict[str, Request] = {}
+        # overlapped ("async") scheduling: a decode step is launched before the previous one's tokens
+        # are read back, so the host's work (outputs, detokenizing, scheduling) runs while the GPU works
+        overlap = args.async_scheduling
+        if overlap is None:
+            overlap = self.device.type == "cuda"
+        self.async_scheduling = bool(overlap) and self.runner is not None
+        self._inflight = None  # the deferred step whose tokens are not read back yet
         self.eos_token_ids = self._eos_ids()
         # reasoning block markers, when the vocabulary has them as single tokens (the R1 family)
         self.think_ids: tuple[int, int] | None = None
@@ -167,6 +174,8 @@ class LLMEngine:
         if req is None:
             return None
         for seq in req.seqs:
+            while seq.token_ids and seq.token_ids[-1] == PENDING:  # sampled in a step still in flight
+                seq.token_ids.pop()
             if not seq.finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
@@ -211,15 +220,37 @@ class LLMEngine:
 
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step. With overlapped scheduling a decode step is launched and the outputs returned are
+        those of the step before it (read back while this one runs); the last step's outputs come with
+        the next call (has_unfinished_requests stays true until then)."""
+        overlap = self._overlap_ok()
+        outputs: list[RequestOutput] = []
+        if self._inflight is not None and not overlap:
+            outputs = self._resolve()
         batch = self.scheduler.schedule()
         if not batch:
-            return []
+            return outputs
         now = time.perf_counter_ns()
         for seq in batch.seqs:
             m = seq.request.metrics
             if m.first_scheduled_ns is None:
                 m.first_scheduled_ns = now
         tables = [self.block_manager.block_table(s.seq_id) for s in batch.seqs]
+        if overlap and not batch.preempted and all(n == 1 for n in batch.num_tokens):
+            inflight = self.runner.execute(batch, tables, self.eos_token_ids, prev=self._inflight, defer=True)
+            for seq in batch.seqs:
+                seq.num_computed_tokens += 1
+                seq.token_ids.append(PENDING)
+            outputs = self._resolve()  # the previous step's tokens, while this one runs
+            for seq in batch.seqs:
+                if not seq.finished:  # its tokens up to num_computed are all known now
+                    self.block_manager.commit(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
+            self._inflight = inflight
+            if all(seq.finished for seq in inflight.seqs):
+                self._resolve()  # every sequence of it finished meanwhile: nothing of it is needed
+            return outputs
+        if self._inflight is not None:
+            outputs = self._resolve()  # (not reached: the scheduler gave a decode batch)
         rows, out = self.executor.execute(batch, tables, self.eos_token_ids)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
@@ -235,13 +266,55 @@ class LLMEngine:
             if req.metrics.first_token_ns is None:
                 req.metrics.first_token_ns = now
             touched[req.request_id] = req
+        return outputs + self._outputs(touched.values(), now)
+
+    def _outputs(self, touched, now: int) -> list[RequestOutput]:
         outputs = []
-        for req in touched.values():
+        for req in touched:
             if req.finished:
                 req.metrics.finished_ns = now
                 self.requests.pop(req.request_id, None)
             outputs.append(self._output(req))
         return outputs
+
+    def _overlap_ok(self) -> bool:
+        """Whether the next step may be launched before the in-flight one's tokens are read: only a
+        step of decodes (nothing waiting to be admitted, no prefill under way) that cannot need a
+        preemption (a free block for every sequence), whose sequences' sampling needs no token
+        values on the host (no penalties, logprobs, JSON constraint or reasoning budget)."""
+        if not self.async_scheduling:
+            return False
+        s = self.scheduler
+        if s.waiting or not s.running or self.block_manager.num_free < len(s.running):
+            return False
+        if len(s.running) > s.config.max_num_batched_tokens:
+            return False
+        for seq in s.running:
+            p = seq.params
+            if (seq.num_tokens - seq.num_computed_tokens != 1 or p.has_penalties or p.logprobs is not None
+                    or seq.json_state is not None or (self.think_ids is not None and p.max_thinking_tokens is not None)):
+                return False
+        return True
+
+    def _resolve(self) -> list[RequestOutput]:
+        """Read back the in-flight step's tokens and append them where their placeholders are (a
+        sequence may hold one more placeholder after it, from the step launched since)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return []
+        tokens = inflight.tokens()
+        now = time.perf_counter_ns()
+        touched: dict[str, Request] = {}
+        for seq, at, token in zip(inflight.seqs, inflight.index, tokens):
+            if seq.finished:  # finished (or aborted) while its step was in flight: the token is dropped
+                continue
+            tail = seq.token_ids[at + 1:]
+            del seq.token_ids[at:]
+            self._append(seq, token, None)
+            if not seq.finished:
+                seq.token_ids.extend(tail)
+            touched[seq.request.request_id] = seq.request
+        return self._outputs(touched.values(), now)
 
     def _reasoning(self, seq: Sequence, token: int) -> int:
         """Track the reasoning block; past the request's reasoning budget (max_thinking_tokens) the
@@ -325,6 +398,8 @@ class LLMEngine:
             new_text = text[seq.emitted_text_len:visible]
             seq.emitted_text_len = visible
             out_ids = seq.output_token_ids
+            while out_ids and out_ids[-1] == PENDING:  # sampled by a step in flight: not read back yet
+                out_ids.pop()
             new_ids = out_ids[seq.emitted_tokens:]
             seq.emitted_tokens = len(out_ids)
             outs.append(CompletionOutput(

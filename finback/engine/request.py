@@ -14,6 +14,10 @@ from finback.engine.sampling import SamplingParams
 
 _seq_ids = itertools.count()
 
+# The token id a sequence holds, with overlapped scheduling, in the place of a token that was sampled on
+# the device but not read back yet (finback/engine/llm_engine.py).
+PENDING = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"

@@ -233,31 +233,13 @@ class Sampler:
         eos_token_ids: frozenset[int] = frozenset(),
     ) -> SamplerOutput:
         n = len(params)
-        if logits.dim() != 2 or logits.shape[0] != n:
-            raise ValueError(f"logits must be [N, V] with N={n} rows, got {tuple(logits.shape)}")
-        if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == n):
-            raise ValueError("params, prompt_token_ids, output_token_ids, generators differ in length")
         if n == 0:
+            self._check(logits, params, prompt_token_ids, output_token_ids, generators)
             return SamplerOutput(token_ids=[], logprobs=[])
-
         device = logits.device
         vocab = logits.shape[1]
         raw = logits.float()  # no copy when already float32: never modified in place
-        work = self._process(raw, params, prompt_token_ids, output_token_ids, eos_token_ids)
-
-        # 3./4. choose tokens ------------------------------------------------------
-        sample_rows = [i for i, p in enumerate(params) if not p.is_greedy]
-        if not sample_rows:
-            chosen = work.argmax(dim=-1)
-        elif len(sample_rows) == n:
-            chosen = self._sample(work, params, generators)
-        else:
-            chosen = work.argmax(dim=-1)
-            idx = torch.tensor(sample_rows, device=device)
-            sub = work.index_select(0, idx)
-            chosen[idx] = self._sample(
-                sub, [params[i] for i in sample_rows], [generators[i] for i in sample_rows]
-            )
+        chosen = self._choose(raw, params, prompt_token_ids, output_token_ids, generators, eos_token_ids)
 
         # logprobs (from raw logits) -----------------------------------------------
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -291,6 +273,47 @@ class Sampler:
                 [(int(ti[base + m]), tv[base + m]) for m in range(k)],
             )
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs_out)
+
+    def choose(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        prompt_token_ids: list[list[int]],
+        output_token_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+        eos_token_ids: frozenset[int] = frozenset(),
+    ) -> torch.Tensor:
+        """Steps 1-4 only: the chosen token ids as a device tensor [N] (int64), with no device-to-host
+        copy, so the caller can feed them to the next step before reading them (overlapped
+        scheduling). Logprobs are not computed here."""
+        if not params:
+            self._check(logits, params, prompt_token_ids, output_token_ids, generators)
+            return torch.empty(0, dtype=torch.long, device=logits.device)
+        return self._choose(logits.float(), params, prompt_token_ids, output_token_ids, generators, eos_token_ids)
+
+    @staticmethod
+    def _check(logits, params, prompt_token_ids, output_token_ids, generators) -> None:
+        n = len(params)
+        if logits.dim() != 2 or logits.shape[0] != n:
+            raise ValueError(f"logits must be [N, V] with N={n} rows, got {tuple(logits.shape)}")
+        if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == n):
+            raise ValueError("params, prompt_token_ids, output_token_ids, generators differ in length")
+
+    def _choose(self, raw, params, prompt_token_ids, output_token_ids, generators, eos_token_ids) -> torch.Tensor:
+        self._check(raw, params, prompt_token_ids, output_token_ids, generators)
+        n = len(params)
+        work = self._process(raw, params, prompt_token_ids, output_token_ids, eos_token_ids)
+        # 3./4. choose tokens
+        sample_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        if not sample_rows:
+            return work.argmax(dim=-1)
+        if len(sample_rows) == n:
+            return self._sample(work, params, generators)
+        chosen = work.argmax(dim=-1)
+        idx = torch.tensor(sample_rows, device=raw.device)
+        sub = work.index_select(0, idx)
+        chosen[idx] = self._sample(sub, [params[i] for i in sample_rows], [generators[i] for i in sample_rows])
+        return chosen
 
     def process_logits(
         self,

@@ -44,9 +44,12 @@ class DecodeGraphs:
         self.max_bs = self.buckets[-1]
         self.device = device
         n = self.max_bs
-        # one host staging buffer (pinned) and one copy per step: ids, positions, slots
-        self.host = torch.zeros(3, n, dtype=torch.long, pin_memory=True)
-        self.inputs = torch.zeros(3, n, dtype=torch.long, device=device)
+        # one host staging buffer (pinned) and one copy per step: ids, positions, slots, and the row of
+        # the previous step's sampled ids that feeds a pending token (-1: the id is in row 0)
+        # Two of them, used in turn: with overlapped scheduling a step is prepared while the previous
+        # one's copy may not have run yet (the engine waits for step N-1 before preparing N + 1).
+        self.hosts = [torch.zeros(4, n, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self.inputs = torch.zeros(4, n, dtype=torch.long, device=device)
         self.static = backend.alloc_static(n, max_blocks_per_seq, device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -92,16 +95,25 @@ class DecodeGraphs:
         return None
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], context_lens: list[int],
-            block_tables: list[list[int]]) -> torch.Tensor:
-        """Replay the decode graph for a batch of len(ids) decodes -> logits [n, vocab]."""
+            block_tables: list[list[int]], fed: tuple[list[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """Replay the decode graph for a batch of len(ids) decodes -> logits [n, vocab]. fed: (src,
+        prev_ids): ids[j] is prev_ids[src[j]] (on the device) where src[j] >= 0."""
         n = len(ids)
         bs = self.bucket(n)
-        h = self.host
+        self.hosts.reverse()
+        h = self.hosts[0]
+        rows = 4 if fed is not None else 3
         h[0, :n] = torch.tensor(ids)
         h[1, :n] = torch.tensor(positions)
         h[2, :n] = torch.tensor(slots)
+        if fed is not None:
+            h[3, :n] = torch.tensor(fed[0])
         h[:2, n:bs] = 0
-        self.inputs[:, :bs].copy_(h[:, :bs], non_blocking=True)
+        self.inputs[:rows, :bs].copy_(h[:rows, :bs], non_blocking=True)
+        if fed is not None:
+            from finback.runtime.model_runner import feed_pending
+
+            feed_pending(self.inputs[0, :n], self.inputs[3, :n], fed[1])
         self._meta(bs, context_lens, block_tables)  # refills the static attention buffers in place
         self.graphs[bs].replay()
         return self.logits[bs][:n]

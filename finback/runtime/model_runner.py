@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
+from finback.engine.request import PENDING
 from finback.engine.sampling import Sampler, SamplerOutput
 from finback.engine.scheduler import ScheduledBatch
 from finback.layers.attention import AttentionMetadata, TorchAttentionBackend
@@ -135,6 +137,31 @@ def kv_bytes_per_token(model, dtype: torch.dtype) -> int:
     return sum(math.prod(layer.cache_shape(1, 1)) for layer in model.attention_layers()) * elem
 
 
+@dataclass
+class InFlight:
+    """A deferred decode step: its sampled token ids on the device, their read-back under way.
+    seqs[r] sampled ids[r], the token that goes to index[r] of its token_ids (where the engine put a
+    PENDING placeholder); row_of maps seq_id -> r for the next step's device feed."""
+    seqs: list
+    index: list[int]
+    row_of: dict[int, int]
+    ids: torch.Tensor
+    host: torch.Tensor | None = None
+    event: "torch.cuda.Event | None" = None
+
+    def tokens(self) -> list[int]:
+        """The sampled ids on the host (waits for this step's GPU work only, not for later steps)."""
+        if self.event is None:
+            return self.ids.tolist()
+        self.event.synchronize()
+        return self.host.tolist()
+
+
+def feed_pending(input_ids: torch.Tensor, src: torch.Tensor, prev_ids: torch.Tensor) -> None:
+    """input_ids[j] = prev_ids[src[j]] where src[j] >= 0, on the device (no sync)."""
+    input_ids.copy_(torch.where(src >= 0, prev_ids[src.clamp(min=0)], input_ids))
+
+
 class ModelRunner:
     def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
                  group: ParallelGroup = SINGLE, seed: int | None = 0, keep_int4: bool = True,
@@ -157,6 +184,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = 0
         self.token_bytes: list[bytes] = []  # set by the engine when JSON mode is possible
+        self._pinned: list[torch.Tensor] = []  # read-back buffers of deferred steps (two: one in flight)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, max_model_len: int | None = None) -> None:
         layers = self.model.attention_layers()
@@ -208,11 +236,18 @@ class ModelRunner:
         return self.model(ids, torch.arange(n, device=self.device), meta)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, block_tables: list[list[int]], eos_token_ids: frozenset[int]
-                ) -> tuple[list[int], SamplerOutput]:
+    def execute(self, batch: ScheduledBatch, block_tables: list[list[int]], eos_token_ids: frozenset[int],
+                prev: "InFlight | None" = None, defer: bool = False):
         """Run one step. Returns the batch indices of the sequences that produce a token this step
         (their scheduled chunk reaches the end of their known tokens) and the sampler's output for
-        them, in the same order."""
+        them, in the same order.
+
+        Overlapped scheduling (the engine's async path): a token id that is still PENDING in a
+        sequence (sampled by the step `prev`, not read back yet) is taken from `prev`'s device tensor
+        of sampled ids, and with `defer` the step returns an `InFlight` at once: its sampled ids stay on
+        the device (copied to pinned host memory behind the GPU work) and are read by
+        `InFlight.tokens()`. Only greedy/random sampling without logprobs, penalties or JSON
+        constraints may be deferred (the engine checks)."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -220,9 +255,19 @@ class ModelRunner:
         context_lens: list[int] = []
         sample_rows: list[int] = []
         last_token_index: list[int] = []
+        src: list[int] | None = None
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start:start + n])
+            toks = seq.token_ids[start:start + n]
+            if prev is not None and toks[-1] == PENDING:  # only a sequence's last token can be pending
+                if src is None:
+                    src = [-1] * len(ids)
+                src.extend([-1] * (n - 1))
+                src.append(prev.row_of[seq.seq_id])
+                toks[-1] = 0
+            elif src is not None:
+                src.extend([-1] * n)
+            ids.extend(toks)
             positions.extend(range(start, start + n))
             table = block_tables[i]
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
@@ -231,11 +276,12 @@ class ModelRunner:
                 sample_rows.append(i)
                 last_token_index.append(len(ids) - 1)
         dev = self.device
+        fed = None if src is None else (src, prev.ids)
         if (self.graphs is not None and len(sample_rows) == len(ids) and all(c > 0 for c in context_lens)
                 and self.graphs.bucket(len(ids)) is not None):
             # decode-only batch: replay the captured graph (forward + LM head)
-            logits = self.graphs.run(ids, positions, slots, context_lens, block_tables).float()
-            return sample_rows, self._sample(logits, batch, sample_rows, eos_token_ids)
+            logits = self.graphs.run(ids, positions, slots, context_lens, block_tables, fed).float()
+            return self._finish(logits, batch, sample_rows, eos_token_ids, defer)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             query_lens=list(batch.num_tokens),
@@ -246,12 +292,37 @@ class ModelRunner:
         )
         self.backend.prepare(meta, dev)
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        if fed is not None:
+            feed_pending(input_ids, torch.tensor(src, dtype=torch.long, device=dev), prev.ids)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         hidden = self.model(input_ids, pos, meta)
         if not sample_rows:
+            if defer:
+                raise ValueError("a deferred step must sample a token for every sequence")
             return [], SamplerOutput(token_ids=[], logprobs=[])
         logits = self.model.compute_logits(hidden[torch.tensor(last_token_index, device=dev)]).float()
-        return sample_rows, self._sample(logits, batch, sample_rows, eos_token_ids)
+        return self._finish(logits, batch, sample_rows, eos_token_ids, defer)
+
+    def _finish(self, logits: torch.Tensor, batch: ScheduledBatch, sample_rows: list[int],
+                eos_token_ids: frozenset[int], defer: bool):
+        if not defer:
+            return sample_rows, self._sample(logits, batch, sample_rows, eos_token_ids)
+        if len(sample_rows) != len(batch.seqs):
+            raise ValueError("a deferred step must sample a token for every sequence")
+        seqs = batch.seqs
+        chosen = self.sampler.choose(logits, [s.params for s in seqs], [s.prompt_token_ids for s in seqs],
+                                     [s.output_token_ids for s in seqs], [s.generator for s in seqs], eos_token_ids)
+        host = event = None
+        if chosen.is_cuda:  # the read-back queued behind the GPU work, into one of two pinned buffers
+            if not self._pinned:
+                self._pinned = [torch.empty(self.max_num_seqs, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self._pinned.reverse()
+            host = self._pinned[0][:len(seqs)]
+            host.copy_(chosen, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        return InFlight(seqs=list(seqs), index=[s.num_tokens for s in seqs],
+                        row_of={s.seq_id: r for r, s in enumerate(seqs)}, ids=chosen, host=host, event=event)
 
     def _sample(self, logits: torch.Tensor, batch: ScheduledBatch, sample_rows: list[int],
                 eos_token_ids: frozenset[int]) -> SamplerOutput:
