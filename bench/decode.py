@@ -80,20 +80,24 @@ def copy_bandwidth(device) -> float:
     return 2 * n / best
 
 
+ASYNC = None  # --no-async sets False: every step synchronous (overlapped scheduling off)
+
+
 def build_engine(shape: str, enforce_eager: bool, max_num_seqs: int) -> LLMEngine:
     folder = tempfile.mkdtemp()
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(SHAPES[shape], f)
     args = EngineArgs(model=folder, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                       device="cuda", max_model_len=2048, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager,
-                      gpu_memory_utilization=0.85)
+                      gpu_memory_utilization=0.85, async_scheduling=ASYNC)
     return LLMEngine(args)
 
 
 def build_engine_from_file(path: str, enforce_eager: bool, max_num_seqs: int, dtype: str = "bfloat16",
                            device: str = "cuda") -> LLMEngine:
     args = EngineArgs(model=path, skip_tokenizer_init=True, dtype=dtype, device=device, max_model_len=2048,
-                      max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, gpu_memory_utilization=0.85)
+                      max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, gpu_memory_utilization=0.85,
+                      async_scheduling=ASYNC)
     return LLMEngine(args)
 
 
@@ -313,14 +317,18 @@ def main() -> None:
     ap.add_argument("--gguf-files", default="", help="time these GGUF files (comma-separated) instead")
     ap.add_argument("--dtype", default="bfloat16", help="compute dtype for GGUF files (F16 files: bf16 or f16)")
     ap.add_argument("--json", default="", help="also write the rows as JSON to this path")
+    ap.add_argument("--no-async", action="store_true", help="overlapped scheduling off (every step synchronous)")
     a = ap.parse_args()
+    global ASYNC
+    ASYNC = False if a.no_async else None
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
     gen = 32 if a.quick else 128
     conc = [int(c) for c in a.concurrency.split(",") if c]
     seqs = max(conc + [1])
     print(f"device: {torch.cuda.get_device_name(dev)}; copy bandwidth {bw / 1e12:.2f} TB/s; torch {torch.__version__}"
-          f"; CUDA graphs {'off' if a.eager else 'on'}; 128-token prompts, {gen} generated", flush=True)
+          f"; CUDA graphs {'off' if a.eager else 'on'}; overlapped scheduling {'off' if a.no_async else 'on'}"
+          f"; 128-token prompts, {gen} generated", flush=True)
     jobs = []  # (row name, engine factory)
     if a.gguf_files:
         for path in a.gguf_files.split(","):

@@ -26,12 +26,15 @@ from finback.kernels.attention import (
 from finback.layers.attention import AttentionBackend, AttentionMetadata
 
 
-def _padded_tables(tables: list[list[int]], width: int) -> torch.Tensor:
-    out = torch.zeros(len(tables), max(1, width), dtype=torch.int32)
+def _padded_tables(tables: list[list[int]], width: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The block tables as int32 [len(tables), width] (zero padded), into `out`'s top-left if given."""
+    if out is None:
+        out = torch.zeros(len(tables), max(1, width), dtype=torch.int32)
+    view = out.numpy()
     for i, t in enumerate(tables):
-        if t:
-            out[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
-    return out
+        view[i, :len(t)] = t
+        view[i, len(t):width] = 0
+    return out[:len(tables), :max(1, width)]
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -92,11 +95,16 @@ class TritonAttentionBackend(AttentionBackend):
     # ------------------------------------------------------------------ CUDA-graph decode
 
     def alloc_static(self, max_num_seqs: int, max_blocks_per_seq: int, device: torch.device) -> dict:
-        """Persistent decode buffers, allocated once; `prepare_static` refills them every step."""
+        """Persistent decode buffers, allocated once; `prepare_static` refills them every step, from two
+        pinned host staging buffers used in turn (a step may be prepared while the last one's copy is
+        still queued behind the GPU: overlapped scheduling)."""
+        pin = device.type == "cuda"
         return {
             "block_tables": torch.zeros(max_num_seqs, max_blocks_per_seq, dtype=torch.int32, device=device),
             "seq_lens": torch.zeros(max_num_seqs, dtype=torch.int32, device=device),
             "slot_mapping": torch.full((max_num_seqs,), -1, dtype=torch.int64, device=device),
+            "staging": [(torch.zeros(max_num_seqs, max_blocks_per_seq, dtype=torch.int32, pin_memory=pin),
+                         torch.zeros(max_num_seqs, dtype=torch.int32, pin_memory=pin)) for _ in range(2)],
         }
 
     def prepare_static(self, meta: AttentionMetadata, buffers: dict, batch_size: int | None = None) -> None:
@@ -117,9 +125,13 @@ class TritonAttentionBackend(AttentionBackend):
             raise ValueError(f"a block table of {widest} blocks exceeds the buffers' {max_blocks}")
         # only the used width is copied: the kernel reads no entry past a row's own length, so the
         # stale columns beyond it (and the rows of padding) are never looked at
-        tables = _padded_tables(meta.block_tables, widest)
-        lens = torch.zeros(batch_size, dtype=torch.int32)
-        lens[:n] = torch.tensor(meta.seq_lens, dtype=torch.int32)
+        staging = buffers["staging"]
+        staging.reverse()
+        host_tables, host_lens = staging[0]
+        tables = _padded_tables(meta.block_tables, widest, host_tables)
+        lens = host_lens[:batch_size]
+        lens.numpy()[:n] = meta.seq_lens
+        lens[n:] = 0
         bt, sl, sm = (buffers[k][:batch_size] for k in ("block_tables", "seq_lens", "slot_mapping"))
         if n:
             bt[:n, :tables.shape[1]].copy_(tables, non_blocking=True)
