@@ -115,6 +115,24 @@ class TopKRouter(nn.Module):
                             self.renormalize, self.scaling)
 
 
+_EXPERTS_ON_META = False
+
+
+class experts_on_meta:
+    """Within this context FusedMoE builds its dense expert stacks on the meta device: a GGUF checkpoint
+    whose experts stay GGUF blocks never needs them (the 671B's would take 22.5 GB per layer in bf16).
+    A checkpoint that gives its experts dense after all gets real stacks at load (`_materialize`)."""
+
+    def __enter__(self):
+        global _EXPERTS_ON_META
+        self._was, _EXPERTS_ON_META = _EXPERTS_ON_META, True
+        return self
+
+    def __exit__(self, *exc):
+        global _EXPERTS_ON_META
+        _EXPERTS_ON_META = self._was
+
+
 class FusedMoE(nn.Module):
     """The routed experts, stacked; loads per-expert tensors (Hugging Face: experts.N.gate_proj /
     up_proj / down_proj, shard (N, part)) or whole stacks (GGUF ffn_{gate,up,down}_exps: [E, I, H] /
@@ -129,20 +147,31 @@ class FusedMoE(nn.Module):
         self.full_intermediate = intermediate_size
         self.intermediate = group.shard(intermediate_size, "expert intermediate size")
         dtype = params_dtype or torch.get_default_dtype()
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate, hidden_size, dtype=dtype),
-                                requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, self.intermediate, dtype=dtype),
-                               requires_grad=False)
-        self.w13.weight_loader = self.weight_loader
-        self.w2.weight_loader = self.weight_loader
+        self._device = torch.empty(0).device  # where real stacks go (the default device of the build)
+        meta = _EXPERTS_ON_META and type(self) is FusedMoE
+        self.w13 = self._stack("w13", (num_experts, 2 * self.intermediate, hidden_size), dtype, meta)
+        self.w2 = self._stack("w2", (num_experts, hidden_size, self.intermediate), dtype, meta)
         self.gguf_experts: dict[str, GGUFExperts] = {}  # part -> this rank's stack kept as GGUF blocks
         self._dense_experts = False  # a part was loaded dense: every part is
+
+    def _stack(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, meta: bool) -> nn.Parameter:
+        p = nn.Parameter(torch.empty(shape, dtype=dtype, device="meta" if meta else self._device),
+                         requires_grad=False)
+        p.weight_loader, p.expert_stack = self.weight_loader, name
+        return p
+
+    def _materialize(self) -> None:
+        """Real (empty) stacks in place of meta ones: the experts turned out dense."""
+        for name in ("w13", "w2"):
+            p = getattr(self, name)
+            if p.is_meta:
+                setattr(self, name, self._stack(name, tuple(p.shape), p.dtype, False))
 
     def _check_part(self, param: nn.Parameter, loaded, shard_id) -> tuple[int | None, str]:
         if not (isinstance(shard_id, tuple) and len(shard_id) == 2 and shard_id[1] in ("gate", "up", "down")):
             raise ValueError(f"FusedMoE shard must be (expert or None, 'gate'|'up'|'down'), got {shard_id!r}")
         expert, part = shard_id
-        if (part == "down") != (param is self.w2):
+        if (part == "down") != (getattr(param, "expert_stack", None) == "w2"):
             raise ValueError(f"expert part {part!r} does not go into this parameter")
         h, i = self.hidden_size, self.full_intermediate
         one = (h, i) if part == "down" else (i, h)
@@ -157,6 +186,7 @@ class FusedMoE(nn.Module):
         loaded = self._gguf_or_dense(expert, part, loaded)
         if loaded is None:  # kept as GGUF blocks
             return
+        param = self.w2 if part == "down" else self.w13  # (the one given may be a meta stack since replaced)
         if isinstance(loaded, BlockFP8Tensor):  # dense experts: dequantized at load
             loaded = loaded.dequantize(param.dtype)
         n = self.intermediate
@@ -197,6 +227,7 @@ class FusedMoE(nn.Module):
                     p.data = torch.empty(0, dtype=p.dtype, device=p.device)
             return None
         self._dense_experts = True
+        self._materialize()
         held, self.gguf_experts = self.gguf_experts, {}
         for q, w in held.items():
             dst = self.w2.data if q == "down" else self.w13.data.narrow(1, 0 if q == "gate" else n, n)

@@ -6,6 +6,7 @@ piece that knows devices; the engine above it knows sequences and token ids.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -65,10 +66,17 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
             keep_fp8 and getattr(model_class(config.architecture), "supports_block_fp8", False)):
         config = dataclasses.replace(config, fp8_block_size=None)  # the model is built dense
     keep_fp8 = config.fp8_block_size is not None
+    from finback.kernels import HAS_TRITON
+    from finback.layers.moe import experts_on_meta
+
+    if gguf_blocks is None:
+        gguf_blocks = device.type == "cuda" and HAS_TRITON
+    gguf_blocks = gguf_blocks and checkpoint.format == "gguf"
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        # GGUF experts that stay blocks never need the dense expert stacks: they are built on meta
+        with torch.device(device), (experts_on_meta() if gguf_blocks else contextlib.nullcontext()):
             if stage.size == 1:
                 model = build_model(config, group)
             else:
@@ -87,11 +95,6 @@ def load_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype,
     try:
         from finback.layers.quantized import kernel_available
 
-        from finback.kernels import HAS_TRITON
-
-        if gguf_blocks is None:
-            gguf_blocks = device.type == "cuda" and HAS_TRITON
-        gguf_blocks = gguf_blocks and checkpoint.format == "gguf"
         int4 = (keep_int4 and not gguf_blocks and device.type == "cpu" and dtype == torch.bfloat16
                 and kernel_available())
         if gguf_blocks:

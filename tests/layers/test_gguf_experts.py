@@ -106,8 +106,10 @@ TYPES = {  # llama.cpp name (after blk.N.) -> type; Q8_0 kv_b halves are dequant
 }
 
 
-def _write_tiny_deepseek2(path: str) -> str:
+def _write_tiny_deepseek2(path: str, types: dict | None = None) -> str:
     import gguf
+
+    types = TYPES if types is None else types
 
     gen = torch.Generator().manual_seed(0)
     rng = np.random.default_rng(0)
@@ -152,25 +154,25 @@ def _write_tiny_deepseek2(path: str) -> str:
         vec(p + "ffn_norm.weight", H)
         vec(p + "attn_q_a_norm.weight", Q_LORA)
         vec(p + "attn_kv_a_norm.weight", KV_LORA)
-        blocks(p + "attn_q_a.weight", TYPES["attn_q_a"], Q_LORA, H)
-        blocks(p + "attn_q_b.weight", TYPES["attn_q_b"], HEADS * (NOPE + ROPE), Q_LORA)
-        blocks(p + "attn_kv_a_mqa.weight", TYPES["attn_kv_a_mqa"], KV_LORA + ROPE, H)
-        blocks(p + "attn_k_b.weight", TYPES["attn_k_b"], HEADS, KV_LORA, NOPE)
-        blocks(p + "attn_v_b.weight", TYPES["attn_v_b"], HEADS, VH, KV_LORA)
-        blocks(p + "attn_output.weight", TYPES["attn_output"], H, HEADS * VH)
+        blocks(p + "attn_q_a.weight", types["attn_q_a"], Q_LORA, H)
+        blocks(p + "attn_q_b.weight", types["attn_q_b"], HEADS * (NOPE + ROPE), Q_LORA)
+        blocks(p + "attn_kv_a_mqa.weight", types["attn_kv_a_mqa"], KV_LORA + ROPE, H)
+        blocks(p + "attn_k_b.weight", types["attn_k_b"], HEADS, KV_LORA, NOPE)
+        blocks(p + "attn_v_b.weight", types["attn_v_b"], HEADS, VH, KV_LORA)
+        blocks(p + "attn_output.weight", types["attn_output"], H, HEADS * VH)
         if i == 0:
-            blocks(p + "ffn_gate.weight", TYPES["ffn_gate"], I, H)
-            blocks(p + "ffn_up.weight", TYPES["ffn_up"], I, H)
-            blocks(p + "ffn_down.weight", TYPES["ffn_down"], H, I)
+            blocks(p + "ffn_gate.weight", types["ffn_gate"], I, H)
+            blocks(p + "ffn_up.weight", types["ffn_up"], I, H)
+            blocks(p + "ffn_down.weight", types["ffn_down"], H, I)
             continue
         w.add_tensor(p + "ffn_gate_inp.weight", (rng.standard_normal((E, H)) * H ** -0.5).astype(np.float32))
         vec(p + "exp_probs_b.bias", E, 0.0, 1.0)
-        blocks(p + "ffn_gate_exps.weight", TYPES["ffn_gate_exps"], E, I, H)
-        blocks(p + "ffn_up_exps.weight", TYPES["ffn_up_exps"], E, I, H)
-        blocks(p + "ffn_down_exps.weight", TYPES["ffn_down_exps"], E, H, I)
-        blocks(p + "ffn_gate_shexp.weight", TYPES["ffn_gate_shexp"], I, H)
-        blocks(p + "ffn_up_shexp.weight", TYPES["ffn_up_shexp"], I, H)
-        blocks(p + "ffn_down_shexp.weight", TYPES["ffn_down_shexp"], H, I)
+        blocks(p + "ffn_gate_exps.weight", types["ffn_gate_exps"], E, I, H)
+        blocks(p + "ffn_up_exps.weight", types["ffn_up_exps"], E, I, H)
+        blocks(p + "ffn_down_exps.weight", types["ffn_down_exps"], E, H, I)
+        blocks(p + "ffn_gate_shexp.weight", types["ffn_gate_shexp"], I, H)
+        blocks(p + "ffn_up_shexp.weight", types["ffn_up_shexp"], I, H)
+        blocks(p + "ffn_down_shexp.weight", types["ffn_down_shexp"], H, I)
     vec("output_norm.weight", H)
     blocks("output.weight", T.Q6_K, V, H)
     w.write_header_to_file()
@@ -197,6 +199,7 @@ def test_tiny_deepseek2_blocks_give_the_same_greedy_tokens(tmp_path):
             assert {p: w.qtype for p, w in experts.gguf_experts.items()} == {
                 "gate": T.IQ1_S, "up": T.IQ2_XXS, "down": T.Q2_K}
             assert experts.w13.numel() == 0 and experts.w2.numel() == 0
+            assert experts.w13.is_meta and experts.w2.is_meta  # the dense stacks were never allocated
             attn = layers[1].self_attn
             for proj, name in ((attn.q_a_proj, "attn_q_a"), (attn.q_b_proj, "attn_q_b"),
                                (attn.kv_a_proj_with_mqa, "attn_kv_a_mqa"), (attn.o_proj, "attn_output"),
@@ -209,6 +212,27 @@ def test_tiny_deepseek2_blocks_give_the_same_greedy_tokens(tmp_path):
     assert results[True][0] == results[False][0]
     torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-4)
     assert results[False][1].std() > 0.1  # logits that say something
+
+
+def test_dense_experts_in_a_gguf_get_real_stacks(tmp_path):
+    """Experts stored F16 in a GGUF: the stacks the block path builds on meta become real at load, and
+    the model gives the same tokens as the dense load."""
+    from finback.loader.checkpoint import open_checkpoint
+    from finback.runtime.model_runner import ModelRunner
+
+    types = dict(TYPES, ffn_gate_exps=T.F16, ffn_up_exps=T.F16, ffn_down_exps=T.F16)
+    path = _write_tiny_deepseek2(str(tmp_path / "ds2-f16-experts.gguf"), types)
+    prompt = [5, 77, 300, 12, 201, 44, 7, 150, 9]
+    results = {}
+    for blocks in (False, True):
+        with open_checkpoint(path) as ckpt:
+            runner = ModelRunner(ckpt, torch.device("cpu"), torch.float32, gguf_blocks=blocks)
+        runner.allocate_kv_cache(4, 16)
+        experts = runner.model.model.layers[1].mlp.experts
+        assert not experts.gguf_experts and not experts.w13.is_meta and experts.w13.shape == (E, 2 * I, H)
+        results[blocks] = runner_greedy(runner, prompt, 6)
+    assert results[True][0] == results[False][0]
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernels)")
