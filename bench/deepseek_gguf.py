@@ -14,13 +14,12 @@ kernels, routed experts with the expert-grouped GGUF kernel (finback/kernels/ggu
 routed experts' blocks are read).
 
 How it reaches the engine: the engine's `open_checkpoint` is pointed at a checkpoint object that
-yields these blocks (`RandomUDCheckpoint`), and FusedMoE's dense expert stacks are built on the meta
-device (their GGUF blocks replace them at load; building them dense would take 22.5 GB a layer).
-Everything after that is the engine's own path (load_weights, scheduler, paged MLA cache, sampler).
+yields these blocks (`RandomUDCheckpoint`); as for any GGUF, FusedMoE's dense expert stacks are built on
+the meta device (building them would take 22.5 GB a layer). Everything after that is the engine's own path (load_weights, scheduler, paged MLA cache, sampler).
 
 Prints: decode tok/s at batch 1 and 16 (128-token prompts, --gen generated; tokens after the first /
-decode time), per-layer GPU time of a dense and of a MoE layer at both batches (CUDA events around each
-decoder layer), the rest of a step (embedding, LM head, sampling, host), the extrapolation to 61 layers
+decode time), per-layer GPU time of a dense and of a MoE layer at both batches (the kernels each decoder
+layer launches, torch.profiler), the rest of a step (embedding, LM head, sampling, host), the extrapolation to 61 layers
 (3 dense + 58 MoE + the rest), and the comparisons: llama.cpp's published 12-14 tok/s (batch 1) and
 ~140 tok/s (throughput) for this file on 2x H100; the bandwidth bound ~290 tok/s on one H200 (the
 issue's figure); and our own bound, bytes a batch-1 token reads in this layout / the copy bandwidth.
@@ -53,7 +52,6 @@ from finback.engine.arg_utils import EngineArgs  # noqa: E402
 from finback.engine.sampling import SamplingParams  # noqa: E402
 from finback.layers.gguf_linear import GGUFWeight  # noqa: E402
 from finback.layers.gguf_moe import GGUFExperts  # noqa: E402
-from finback.layers.moe import FusedMoE  # noqa: E402
 from finback.loader.checkpoint import Checkpoint  # noqa: E402
 from finback.loader.config import ModelConfig  # noqa: E402
 from finback.loader.quants import type_nbytes  # noqa: E402
@@ -168,21 +166,16 @@ class RandomUDCheckpoint(Checkpoint):
 
 @contextlib.contextmanager
 def engine_on(checkpoint: Checkpoint):
-    """The engine's open_checkpoint returns `checkpoint`; FusedMoE builds its dense stacks on meta."""
+    """The engine's open_checkpoint returns `checkpoint` (a GGUF checkpoint: the engine builds the
+    dense expert stacks on meta and keeps the blocks, as for any GGUF file)."""
     import finback.engine.llm_engine as llm_engine
 
-    opened, init = llm_engine.open_checkpoint, FusedMoE.__init__
-
-    def meta_init(self, *args, **kw):
-        with torch.device("meta"):
-            init(self, *args, **kw)
-
+    opened = llm_engine.open_checkpoint
     llm_engine.open_checkpoint = lambda path: checkpoint
-    FusedMoE.__init__ = meta_init
     try:
         yield
     finally:
-        llm_engine.open_checkpoint, FusedMoE.__init__ = opened, init
+        llm_engine.open_checkpoint = opened
 
 
 def layer_bytes(cfg: dict, layer: int) -> tuple[int, int]:
@@ -219,81 +212,155 @@ def fit_layers(cfg: dict, free: int, kv_tokens: int) -> int:
     return n
 
 
-def layer_times(engine, batch: int, steps: int = 8) -> list[float]:
-    """GPU time (ms) of each decoder layer in a decode step at `batch`, mean over `steps` steps
-    (CUDA events around each layer: idle gaps from a slow host count in). Runs eagerly: hooks do not
-    fire inside a CUDA graph's replay."""
+def layer_times(engine, batch: int, steps: int = 6) -> list[float]:
+    """GPU time (ms) of each decoder layer in a decode step at `batch`: the durations of the kernels each
+    layer launches (torch.profiler; a record_function range per layer), mean over `steps` eager steps.
+    Kernel time only, so launch gaps of the eager steps do not count: the layers sum to about a CUDA
+    graph replay of the step."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
     from decode import _prompts
 
     graphs, engine.runner.graphs = engine.runner.graphs, None
     layers = engine.runner.model.model.layers
-    marks: list[tuple[torch.cuda.Event, torch.cuda.Event]] = [None] * len(layers)
+    ranges: dict[int, record_function] = {}
     handles = []
     for i, layer in enumerate(layers):
         def pre(mod, args, i=i):
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            marks[i] = (ev, None)
+            ranges[i] = record_function(f"finback_layer_{i}")
+            ranges[i].__enter__()
 
         def post(mod, args, out, i=i):
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            marks[i] = (marks[i][0], ev)
+            ranges.pop(i).__exit__(None, None, None)
         handles += [layer.register_forward_pre_hook(pre), layer.register_forward_hook(post)]
-    params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True)
     reqs = [engine.add_request(f"lt{batch}-{j}", p, params)
             for j, p in enumerate(_prompts(batch, 128, engine.model_config.vocab_size, 4242))]
-    while any(len(s.output_token_ids) == 0 for r in reqs for s in r.seqs):
-        engine.step()
-    total = [0.0] * len(layers)
-    n = 0
     try:
+        while any(len(s.output_token_ids) == 0 for r in reqs for s in r.seqs):
+            engine.step()
+        engine.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
         while engine.has_unfinished_requests():
             engine.step()
-            torch.cuda.synchronize()
-            for i, (a, b) in enumerate(marks):
-                total[i] += a.elapsed_time(b)
-            n += 1
     finally:
         engine.runner.graphs = graphs
         for h in handles:
             h.remove()
-    return [t / max(1, n) for t in total]
+    from torch.autograd import DeviceType
+
+    total = [0.0] * len(layers)
+    for ev in prof.events():  # the host-side ranges (their kernels' time); not the GPU-side span events
+        if ev.name.startswith("finback_layer_") and ev.device_type == DeviceType.CPU:
+            total[int(ev.name.rsplit("_", 1)[1])] += ev.device_time_total / 1000
+    return [t / steps for t in total]
 
 
 def kernel_sweep(bw: float) -> None:
-    from finback.kernels.gguf_moe import gguf_experts
+    """One real-width MoE layer's routed experts (IQ1_S gate/up [256, 2048, 7168], IQ2_XXS down [256, 7168,
+    2048]) through `gguf_experts` on both kernels (the decode GEMV, the expert-grouped MMA) at 1, 4, 16 and
+    64 tokens (top 8 distinct random experts each), a few tile shapes of each. Each timing cycles over 8
+    routings, so a call finds little of its experts in L2 from the one before; GB/s counts the bytes of
+    each call's distinct routed experts once."""
+    from finback.kernels.gguf_moe import GEMV_MAX_ROWS, SORT_MIN_TOKENS, gguf_experts, gguf_experts_ref, gguf_moe_gemv
 
     c = ModelConfig.from_hf(dict(R1), "cfg")
     dev = torch.device("cuda")
     tpl = _Templates(dev)
-    e, h, i = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
+    e, h, i, top = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, c.num_experts_per_tok
     parts = [(tpl.blocks(T.IQ1_S, e * i, h).view(e, i, -1), T.IQ1_S), (tpl.blocks(T.IQ1_S, e * i, h).view(e, i, -1),
              T.IQ1_S), (tpl.blocks(T.IQ2_XXS, e * h, i).view(e, h, -1), T.IQ2_XXS)]
     per_expert = sum(w.shape[1] * w.shape[2] for w, _ in parts)
-    print("| tokens | block_n | block_k | us | distinct experts | GB/s | of copy bandwidth |")
-    print("|---|---|---|---|---|---|---|")
     g = torch.Generator(device=dev).manual_seed(0)
-    for t in (1, 16):
+
+    def routings(t: int, n: int = 8):
+        return [torch.stack([torch.randperm(e, device=dev, generator=g)[:top] for _ in range(t)]).to(torch.int32)
+                for _ in range(n)]
+
+    def timed(fn, calls) -> float:
+        """us per call: every call once to warm up (compiles), then 3 passes over them between events."""
+        for a in calls:
+            fn(*a)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            for a in calls:
+                fn(*a)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / (3 * len(calls)) * 1000
+
+    print(f"routed experts of one MoE layer: gate/up IQ1_S [{e}, {i}, {h}], down IQ2_XXS [{e}, {h}, {i}] "
+          f"({per_expert / 1e6:.2f} MB an expert); gguf_experts takes the GEMV up to {GEMV_MAX_ROWS} routed rows")
+    # bf16 (the engine's dtype: the kernels' path also rounds gate/up outputs to bf16 before SiLU, the
+    # reference does not) and fp32 (the kernels' own error: summation order only)
+    for t, dtype in ((1, torch.bfloat16), (16, torch.bfloat16), (16, torch.float32)):
+        x = torch.randn(t, h, device=dev, dtype=dtype)
+        ids, weights = routings(t, 1)[0], torch.rand(t, top, device=dev)
+        ref = gguf_experts_ref(x, *parts, weights, ids).float()
+        for gemv in (True, False):
+            y = gguf_experts(x, *parts, weights, ids, gemv=gemv).float()
+            print(f"check, {t} token(s), {str(dtype)[6:]}, {'gemv' if gemv else 'mma'}: |y - ref| / |ref| = "
+                  f"{((y - ref).norm() / ref.norm()).item():.2e} (norms), max |y - ref| / max |ref| = "
+                  f"{((y - ref).abs().max() / ref.abs().max()).item():.2e}", flush=True)
+    gemv_tiles = [None, (4, 512, 2), (8, 512, 2), (4, 256, 2), (8, 256, 2), (8, 512, 4), (16, 256, 4), (2, 512, 1)]
+    mma_tiles = [(16, 32, 4), (32, 32, 4), (64, 32, 4), (32, 64, 4)]
+    print()
+    print("| tokens | kernel | tiles (BN x BK / warps) | us | distinct experts | GB/s | of copy bandwidth |")
+    print("|---|---|---|---|---|---|---|")
+    for t in (1, 4, 16, 64):
         x = torch.randn(t, h, device=dev, dtype=torch.bfloat16)
-        ids = torch.stack([torch.randperm(e, device=dev, generator=g)[:8] for _ in range(t)]).to(torch.int32)
-        weights = torch.rand(t, 8, device=dev)
-        moved = ids.unique().numel() * per_expert
-        for bn in (16, 32, 64):
-            for bk in (32, 64):
-                def run(x=x, weights=weights, ids=ids, bn=bn, bk=bk):
-                    return gguf_experts(x, *parts, weights, ids, block_n=bn, block_k=bk)
-                run()
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(20):
-                    run()
-                end.record()
-                torch.cuda.synchronize()
-                us = start.elapsed_time(end) / 20 * 1000
-                print(f"| {t} | {bn} | {bk} | {us:.0f} | {ids.unique().numel()} | {moved / us / 1e3:.0f} | "
-                      f"{moved / us * 1e6 / bw:.0%} |", flush=True)
+        calls = [(ids, torch.rand(t, top, device=dev)) for ids in routings(t)]
+        distinct = sum(ids.unique().numel() for ids, _ in calls) / len(calls)
+        moved = distinct * per_expert
+        default = "gemv" if t * top <= GEMV_MAX_ROWS else "mma"
+        for gemv, tiles in [(True, tt) for tt in gemv_tiles] + [(False, tt) for tt in [None, *mma_tiles]]:
+            kw = {} if tiles is None else {"block_n": tiles[0], "block_k": tiles[1], "num_warps": tiles[2]}
+
+            def run(ids, weights, x=x, gemv=gemv, kw=kw):
+                return gguf_experts(x, *parts, weights, ids, gemv=gemv, **kw)
+            us = timed(run, calls)
+            name = "gemv" if gemv else "mma"
+            label = "default" if tiles is None else f"{tiles[0]} x {tiles[1]} / {tiles[2]}"
+            if tiles is None and name == default:
+                label += " (taken)"
+            print(f"| {t} | {name} | {label} | {us:.0f} | {distinct:.1f} | {moved / us / 1e3:.0f} | "
+                  f"{moved / us * 1e6 / bw:.1%} |", flush=True)
+    print()
+    print("the GEMV's launches alone, default tiles (gate+up: one launch over both stacks):")
+    print("| tokens | launch | us | GB/s | of copy bandwidth |")
+    print("|---|---|---|---|---|")
+    for t in (1, 16):
+        calls = routings(t)
+        distinct = sum(ids.unique().numel() for ids in calls) / len(calls)
+        x = torch.randn(t, h, device=dev, dtype=torch.bfloat16)
+        hid = torch.randn(t * top, i, device=dev, dtype=torch.bfloat16)
+        inter = torch.empty(t * top, 2 * i, device=dev, dtype=torch.bfloat16)
+        out = torch.empty(t * top, h, device=dev, dtype=torch.bfloat16)
+        rw = torch.rand(t * top, device=dev)
+        # rows in expert order from SORT_MIN_TOKENS tokens, as gguf_experts does (the sort is not timed here)
+        args = [(ids, torch.sort(ids.reshape(-1), stable=True).indices if t >= SORT_MIN_TOKENS else None)
+                for ids in calls]
+
+        def gate_up(ids, order, x=x, inter=inter):
+            return gguf_moe_gemv(x, (parts[0][0], parts[1][0]), T.IQ1_S, h, ids, top, inter, row_order=order)
+
+        def down(ids, order, hid=hid, out=out, rw=rw, words=True):
+            return gguf_moe_gemv(hid, parts[2][0], T.IQ2_XXS, i, ids, 1, out, rw, row_order=order, word_loads=words)
+
+        def down_tile(ids, order):
+            return down(ids, order, words=False)
+        for name, fn, nbytes in (("gate+up", gate_up, 2 * parts[0][0][0].numel()),
+                                 ("down (IQ2_XXS word loads)", down, parts[2][0][0].numel()),
+                                 ("down (IQ2_XXS on `_tile`)", down_tile, parts[2][0][0].numel())):
+            us = timed(fn, args)
+            print(f"| {t} | {name} | {us:.0f} | {distinct * nbytes / us / 1e3:.0f} | "
+                  f"{distinct * nbytes / us * 1e6 / bw:.1%} |", flush=True)
 
 
 def main() -> None:
@@ -301,7 +368,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=0, help="layers to build (default: as many as fit)")
     ap.add_argument("--gen", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: checks the path, times nothing")
-    ap.add_argument("--kernels", action="store_true", help="only the routed-expert kernel, a tile sweep")
+    ap.add_argument("--kernels", action="store_true", help="only the routed-expert kernels (GEMV, MMA): a tile sweep")
     a = ap.parse_args()
     if a.kernels:
         from decode import copy_bandwidth

@@ -5,6 +5,12 @@ on the device, never a dequantized copy. Loaders slice it like a tensor: rows (o
 columns (input features, for row-parallel layers) only at block boundaries. `gguf_matmul` multiplies by
 it: on CUDA with the Triton kernels of `finback.kernels.gguf` (GEMV for up to 16 rows of activations,
 GEMM above); elsewhere by dequantizing then multiplying (correct but slow: the tests' path).
+
+Decode rows of 16-bit activations (M <= 4, CUDA, the types of `Q8_TYPES`) take the int8-activation
+kernel of `finback.kernels.gguf_dp4a` instead (llama.cpp's mmvq: x quantized to int8 per 32 values,
+integer dot products): `quantize_x8` quantizes x once for all the parts of a layer that read it. Its
+error beyond bf16's is the activation rounding (bounded in that module); float32 activations keep
+the float kernels (exact to float32 rounding). `Q8_DECODE = False` turns it off.
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from finback.kernels import use_triton
 from finback.kernels.gguf import GEMV_MAX_M, KERNEL_TYPES, gguf_gemm, gguf_gemv, gguf_matmul_ref
+from finback.kernels.gguf_dp4a import MAX_M as Q8_MAX_M
+from finback.kernels.gguf_dp4a import Q8_TYPES, gguf_gemv_q8, quantize_q8
+
+Q8_DECODE = True
 
 __all__ = ["KERNEL_TYPES", "GGUFBlocks", "GGUFWeight", "gguf_matmul"]
 
@@ -82,7 +92,8 @@ class GGUFBlocks:
 
     def to(self, device: torch.device | str):
         device = torch.device(device)
-        if self.data.device == device:
+        have = self.data.device
+        if have.type == device.type and device.index in (None, have.index):
             return self
         return type(self)(self.data.to(device), self.qtype, tuple(self.shape))
 
@@ -105,9 +116,19 @@ class GGUFWeight(GGUFBlocks):
         return w if dtype == torch.float32 else w.to(dtype)
 
 
-def gguf_matmul(x: torch.Tensor, w: GGUFWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+def quantize_x8(x: torch.Tensor, weights) -> tuple | None:
+    """quantize_q8 of x [M, K] when some of `weights` (GGUFWeight) will take the int8-activation kernel
+    for it, else None."""
+    if (Q8_DECODE and x.dim() == 2 and 1 <= x.shape[0] <= Q8_MAX_M and x.dtype in (torch.bfloat16, torch.float16)
+            and use_triton(x) and x.shape[1] % 32 == 0 and x.stride(1) == 1 and any(w.qtype in Q8_TYPES for w in weights)):
+        return quantize_q8(x)
+    return None
+
+
+def gguf_matmul(x: torch.Tensor, w: GGUFWeight, out: torch.Tensor | None = None, q8: tuple | None = None
+                ) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., N] in x's dtype (written into `out`, a [..., N] tensor whose last
-    dim is contiguous, when given)."""
+    dim is contiguous, when given). q8: `quantize_x8` of x's rows, shared by the calls that read x."""
     n, k = w.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features but the {w.qtype.name} weight takes {k}")
@@ -121,7 +142,11 @@ def gguf_matmul(x: torch.Tensor, w: GGUFWeight, out: torch.Tensor | None = None)
     elif tuple(out.shape) != (*lead, n):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {(*lead, n)}")
     o2 = out if out.dim() == 2 else out.view(m, n)
-    if use_triton(x) and w.qtype in KERNEL_TYPES:
+    if q8 is None and m <= Q8_MAX_M and w.qtype in Q8_TYPES:
+        q8 = quantize_x8(x2, (w,))
+    if q8 is not None and w.qtype in Q8_TYPES:
+        gguf_gemv_q8(x2, w.data, w.qtype, k, out=o2, q8=q8)
+    elif use_triton(x) and w.qtype in KERNEL_TYPES:
         (gguf_gemv if m <= GEMV_MAX_M else gguf_gemm)(x2, w.data, w.qtype, k, out=o2)
     else:
         gguf_matmul_ref(x2, w.data, w.qtype, k, out=o2)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finback.layers.gguf_linear import GGUFWeight, gguf_matmul
+from finback.layers.gguf_linear import GGUFWeight, gguf_matmul, quantize_x8
 from finback.layers.quantized import Int4Tensor, int4_matmul, kernel_takes, pack
 from finback.loader.fp8 import BlockFP8Tensor
 from finback.runtime.parallel import SINGLE, ParallelGroup
@@ -217,8 +217,9 @@ class _Linear(nn.Module):
         if self.gguf_parts and self.weight.numel() == 0:
             x2 = x.reshape(-1, x.shape[-1])
             y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+            q8 = quantize_x8(x2.contiguous(), [w for _, w in self.gguf_parts]) if x2.shape[0] <= 4 else None
             for start, w in self.gguf_parts:
-                gguf_matmul(x2, w, out=y[:, start:start + w.shape[0]])
+                gguf_matmul(x2, w, out=y[:, start:start + w.shape[0]], q8=q8)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if bias is None else y + bias
         if self.int4 is not None:

@@ -209,8 +209,8 @@ class FusedMoE(nn.Module):
     # ------------------------------------------------------------------ GGUF experts (gguf_moe.py)
 
     def _gguf_or_dense(self, expert: int | None, part: str, loaded):
-        """GGUF stacks stay blocks (this rank's slice, on the experts' device; where the dense stacks were
-        built on the meta device, on the device the blocks come on) while every part comes as blocks;
+        """GGUF stacks stay blocks (this rank's slice, on the device the model is built on) while every
+        part comes as blocks;
         once all three are held the dense stacks are freed. A dense part, or a block part after one,
         makes the experts dense: the parts held as blocks are dequantized into place. Returns what the
         dense path still has to copy, or None when the part was kept as blocks."""
@@ -221,7 +221,7 @@ class FusedMoE(nn.Module):
                 kept = loaded.narrow(2 if part == "down" else 1, r * n, n)
             except ValueError as exc:  # a rank's slice of down that is not whole blocks
                 raise ShapeMismatch(f"experts {part}_proj: {exc}") from None
-            self.gguf_experts[part] = kept if self.w2.is_meta else kept.to(self.w2.device)
+            self.gguf_experts[part] = kept.to(self._device)
             if len(self.gguf_experts) == 3:
                 for p in (self.w13, self.w2):
                     p.data = torch.empty(0, dtype=p.dtype, device=p.device)
