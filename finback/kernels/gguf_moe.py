@@ -318,8 +318,10 @@ def gguf_moe_gemv(a: torch.Tensor, data, qtype, k: int, topk_ids: torch.Tensor, 
     aligned = all(st.data_ptr() % 4 == 0 and st.stride(0) % 4 == 0 and st.stride(1) % 4 == 0
                   and st.shape[2] % 4 == 0 for st in stacks)
     fast = word_loads and qt in _GEMV_PARTS and (not words or aligned)
-    block_n, block_k = block_n or (4 if n < 4096 else 8), block_k or (512 if fast else 256)
-    num_warps = num_warps or (2 if block_n * block_k <= 2048 else 4)  # 32 weights a thread per K step
+    # default from the H100 sweep (bench/deepseek_gguf.py --kernels; IQ1_S gate/up + IQ2_XXS down at 1-64
+    # tokens): 16 x 256 on 4 warps was best or within 6% of it at every token count
+    block_n, block_k = block_n or 16, block_k or 256
+    num_warps = num_warps or 4
     if block_k < 32 or block_k & (block_k - 1) or block_n < 1 or block_n & (block_n - 1):
         raise ValueError(f"block_k must be a power of two >= 32 and block_n a power of two, got {block_n}, {block_k}")
     fast = fast and block_k % unit == 0
