@@ -18,19 +18,18 @@ yields these blocks (`RandomUDCheckpoint`); as for any GGUF, FusedMoE's dense ex
 the meta device (building them would take 22.5 GB a layer). Everything after that is the engine's own path (load_weights, scheduler, paged MLA cache, sampler).
 
 Prints: decode tok/s at batch 1 and 16 (128-token prompts, --gen generated; tokens after the first /
-decode time), per-layer GPU time of a dense and of a MoE layer at both batches (the kernels each decoder
-layer launches, torch.profiler), the rest of a step (embedding, LM head, sampling, host), the extrapolation to 61 layers
-(3 dense + 58 MoE + the rest), and the comparisons: llama.cpp's published 12-14 tok/s (batch 1) and
-~140 tok/s (throughput) for this file on 2x H100; the bandwidth bound ~290 tok/s on one H200 (the
+decode time) and the step scaled to 61 layers by layer count, and the comparisons: llama.cpp's
+published 12-14 tok/s (batch 1) and ~140 tok/s (throughput) for this file on 2x H100; the bandwidth bound ~290 tok/s on one H200 (the
 issue's figure); and our own bound, bytes a batch-1 token reads in this layout / the copy bandwidth.
 
   python bench/deepseek_gguf.py [--layers N] [--gen 64]      # GPU, under ~5 minutes
   python bench/deepseek_gguf.py --tiny                       # CPU check of the same path, tiny shapes
   python bench/deepseek_gguf.py --kernels                    # the routed-expert kernel alone, tile sweep
 
---kernels times `gguf_experts` (gate, up, SiLU, down, slot sum) on one real-width MoE layer's
-experts (IQ1_S gate/up, IQ2_XXS down) at 1 and 16 tokens for a few tile shapes: time, and the routed
-experts' bytes / time against the copy bandwidth (the bytes of the distinct experts routed to).
+--kernels times `gguf_experts` on one real-width MoE layer's experts (IQ1_S gate/up, IQ2_XXS down) at
+1, 4, 16 and 64 tokens on both kernels (the decode GEMV and the expert-grouped MMA) for a few tile
+shapes each, after a correctness line per kernel against `gguf_experts_ref`; last, the GEMV's launches
+alone.
 """
 
 from __future__ import annotations
@@ -212,54 +211,6 @@ def fit_layers(cfg: dict, free: int, kv_tokens: int) -> int:
     return n
 
 
-def layer_times(engine, batch: int, steps: int = 6) -> list[float]:
-    """GPU time (ms) of each decoder layer in a decode step at `batch`: the durations of the kernels each
-    layer launches (torch.profiler; a record_function range per layer), mean over `steps` eager steps.
-    Kernel time only, so launch gaps of the eager steps do not count: the layers sum to about a CUDA
-    graph replay of the step."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    from decode import _prompts
-
-    graphs, engine.runner.graphs = engine.runner.graphs, None
-    layers = engine.runner.model.model.layers
-    ranges: dict[int, record_function] = {}
-    handles = []
-    for i, layer in enumerate(layers):
-        def pre(mod, args, i=i):
-            ranges[i] = record_function(f"finback_layer_{i}")
-            ranges[i].__enter__()
-
-        def post(mod, args, out, i=i):
-            ranges.pop(i).__exit__(None, None, None)
-        handles += [layer.register_forward_pre_hook(pre), layer.register_forward_hook(post)]
-    params = SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True)
-    reqs = [engine.add_request(f"lt{batch}-{j}", p, params)
-            for j, p in enumerate(_prompts(batch, 128, engine.model_config.vocab_size, 4242))]
-    try:
-        while any(len(s.output_token_ids) == 0 for r in reqs for s in r.seqs):
-            engine.step()
-        engine.step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                engine.step()
-            torch.cuda.synchronize()
-        while engine.has_unfinished_requests():
-            engine.step()
-    finally:
-        engine.runner.graphs = graphs
-        for h in handles:
-            h.remove()
-    from torch.autograd import DeviceType
-
-    total = [0.0] * len(layers)
-    for ev in prof.events():  # the host-side ranges (their kernels' time); not the GPU-side span events
-        if ev.name.startswith("finback_layer_") and ev.device_type == DeviceType.CPU:
-            total[int(ev.name.rsplit("_", 1)[1])] += ev.device_time_total / 1000
-    return [t / steps for t in total]
-
-
 def kernel_sweep(bw: float) -> None:
     """One real-width MoE layer's routed experts (IQ1_S gate/up [256, 2048, 7168], IQ2_XXS down [256, 7168,
     2048]) through `gguf_experts` on both kernels (the decode GEMV, the expert-grouped MMA) at 1, 4, 16 and
@@ -416,33 +367,29 @@ def main() -> None:
     rows = []
     for b in (1, 16):
         tok_s = decode_tok_s(engine, b, gen=a.gen, seed=b)
-        per = layer_times(engine, b)
-        dense = sum(per[:3]) / 3
-        moe_ms = sum(per[3:]) / max(1, len(per) - 3)
         step = 1000 * b / tok_s
-        rest = max(0.0, step - sum(per))
-        full = 3 * dense + 58 * moe_ms + rest
-        rows.append((b, tok_s, dense, moe_ms, rest, full, 1000 * b / full))
+        # 61 layers: the step scaled by layer count (the embedding, LM head and sampling scale with it
+        # too, so this slightly overstates the step: a conservative estimate)
+        full = step * 61 / layers
+        rows.append((b, tok_s, step, full, 1000 * b / full))
         mode = "CUDA graphs" if engine.runner.graphs else "eager"
-        print(f"batch {b}: {tok_s:.1f} tok/s with {layers} layers ({mode})"
-              f"; step {step:.2f} ms = layers {sum(per):.2f} "
-              f"(dense {dense:.3f}, MoE {moe_ms:.3f} each) + rest {rest:.2f}", flush=True)
+        print(f"batch {b}: {tok_s:.1f} tok/s with {layers} layers ({mode}); step {step:.2f} ms", flush=True)
     read = sum(layer_bytes(cfg, i)[1] for i in range(61)) + 2 * cfg["vocab_size"] * cfg["hidden_size"]
     bound = bw / read
     print()
-    print(f"| batch | tok/s, {layers} layers | dense layer ms | MoE layer ms | rest ms | 61-layer step ms | "
-          f"61 layers tok/s |")
-    print("|---|---|---|---|---|---|---|")
-    for b, tok_s, dense, moe_ms, rest, full, tok61 in rows:
-        print(f"| {b} | {tok_s:.1f} | {dense:.3f} | {moe_ms:.3f} | {rest:.2f} | {full:.1f} | {tok61:.1f} |")
+    print(f"| batch | tok/s, {layers} layers | step ms | 61-layer step ms (scaled) | 61 layers tok/s |")
+    print("|---|---|---|---|---|")
+    for b, tok_s, step, full, tok61 in rows:
+        print(f"| {b} | {tok_s:.1f} | {step:.2f} | {full:.1f} | {tok61:.1f} |")
     print()
-    print(f"61 layers, batch 1: {rows[0][6]:.1f} tok/s on this one GPU (extrapolated: if the whole model fit) vs "
+    print(f"61 layers, batch 1: {rows[0][4]:.1f} tok/s on this one GPU (scaled: if the whole model fit) vs "
           f"llama.cpp's published {LLAMA_CPP_2XH100[0]}-{LLAMA_CPP_2XH100[1]} tok/s on 2x H100 (layer split, "
           f"one GPU busy at a time) and the issue's ~{H200_BOUND} tok/s bandwidth bound on one H200.")
     print(f"our bound here: a batch-1 token reads {read / 1e9:.2f} GB in this layout (8 of 256 experts, the dense "
           f"bf16 LM head {2 * cfg['vocab_size'] * cfg['hidden_size'] / 1e9:.2f} GB included) -> "
-          f"{bound:.0f} tok/s at {bw / 1e12:.2f} TB/s; batch 1 reaches {rows[0][6] / bound:.0%} of it.")
-    print(f"batch 16: {rows[1][6]:.0f} tok/s extrapolated vs llama.cpp's ~140 tok/s throughput on 2x H100.")
+          f"{bound:.0f} tok/s at {bw / 1e12:.2f} TB/s; batch 1 reaches {rows[0][4] / bound:.0%} of it.")
+    print("where a step's GPU time goes, kernel by kernel: python bench/kernel_profile.py --engines ud-iq1s")
+    print(f"batch 16: {rows[1][4]:.0f} tok/s scaled vs llama.cpp's ~140 tok/s throughput on 2x H100.")
 
 
 def decode_tok_s_cpu(engine, batch: int, gen: int) -> None:
