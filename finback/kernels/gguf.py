@@ -400,7 +400,6 @@ if HAS_TRITON:
         and min [BN, U, G] of each (unit, G) group: w = scale * q - min (min: zeros where the type has
         none). kidx [U, G, A, B]: the values' offsets from k0. Units past k_hi re-read the last one
         (finite weights; x is 0 there)."""
-        BN: tl.constexpr = row_off.shape[0]
         U: tl.constexpr = BK // UNIT
         gu = tl.minimum(k0 // UNIT + tl.arange(0, U), k_hi // UNIT - 1)  # the units, clamped to K
         t2 = tl.arange(0, 2)
@@ -505,6 +504,23 @@ if HAS_TRITON:
         return tl.reshape(w, (row_off.shape[0], BK))
 
     @triton.jit
+    def _fma_parts(acc, q, sc, mn, kidx, x_ptr, k0, k_hi, QT: tl.constexpr, EVEN_K: tl.constexpr):
+        """One K step of the one-row CUDA-core GEMV on `_w_parts` output: acc [G, B, BN, U, A] +=
+        w * x (one FMA per weight), x the values k0 + kidx of the row at x_ptr (zeros from k_hi)."""
+        if QT == _Q4_K or QT == _Q2_K:  # the word-load types with a min
+            w = q * sc[:, :, :, None, None] - mn[:, :, :, None, None]
+        else:
+            w = q * sc[:, :, :, None, None]
+        kx = k0 + kidx
+        if EVEN_K:
+            xv = tl.load(x_ptr + kx).to(tl.float32)
+        else:
+            xv = tl.load(x_ptr + kx, mask=kx < k_hi, other=0.0).to(tl.float32)
+        # the axes that share a loaded word (G, B) outermost: each thread then keeps a word's values in
+        # its registers (Triton gives threads the innermost axes)
+        return acc + tl.permute(w, (2, 4, 0, 1, 3)) * tl.permute(xv, (1, 3, 0, 2))[:, :, None, :, :]
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, h_ptr, w32_ptr, t_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_w,
                      stride_ym, k_split,
                      QT: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr, FAST: tl.constexpr,
@@ -530,18 +546,7 @@ if HAS_TRITON:
             for k0 in range(k_lo, k_hi, BK):
                 if BM == 1:
                     q, sc, mn, kidx = _w_parts(w_ptr, h_ptr, w32_ptr, t_ptr, row_off, k0, k_hi, QT, BK, UNIT, G, A, B)
-                    if QT == _Q4_K or QT == _Q2_K:
-                        w = q * sc[:, :, :, None, None] - mn[:, :, :, None, None]
-                    else:
-                        w = q * sc[:, :, :, None, None]
-                    kx = k0 + kidx
-                    if EVEN_K:
-                        xv = tl.load(x_ptr + kx).to(tl.float32)
-                    else:
-                        xv = tl.load(x_ptr + kx, mask=kx < k_hi, other=0.0).to(tl.float32)
-                    # the axes that share a loaded word (G, B) outermost: each thread then keeps a
-                    # word's values in its registers (Triton gives threads the innermost axes)
-                    acc += tl.permute(w, (2, 4, 0, 1, 3)) * tl.permute(xv, (1, 3, 0, 2))[:, :, None, :, :]
+                    acc = _fma_parts(acc, q, sc, mn, kidx, x_ptr, k0, k_hi, QT, EVEN_K)
                 else:
                     w = _w_fast(w_ptr, h_ptr, w32_ptr, t_ptr, row_off, k0, k_hi, QT, BK, UNIT, G, A, B)
                     kx = k0 + tl.arange(0, BK)

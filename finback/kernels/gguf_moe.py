@@ -77,7 +77,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from finback.kernels.gguf import _IQ2_XXS, _Q2_K, _Q4_K, _tile, _w_parts
+    from finback.kernels.gguf import _IQ2_XXS, _fma_parts, _tile, _w_parts
 
     @triton.jit
     def _gguf_moe_kernel(a_ptr, w_ptr, h_ptr, t_ptr, c_ptr, rw_ptr, sorted_ids_ptr, expert_ids_ptr, post_pad_ptr,
@@ -185,17 +185,7 @@ if HAS_TRITON:
                     q, sc, mn, kidx = _iq2xxs_parts(h_ptr, t_ptr, row_off, k0, K, BK)
                 else:
                     q, sc, mn, kidx = _w_parts(w_ptr, h_ptr, w32_ptr, t_ptr, row_off, k0, K, QT, BK, UNIT, G, A, B)
-                if QT == _Q4_K or QT == _Q2_K:
-                    w = q * sc[:, :, :, None, None] - mn[:, :, :, None, None]
-                else:
-                    w = q * sc[:, :, :, None, None]
-                kx = k0 + kidx
-                if EVEN_K:
-                    xv = tl.load(x_ptr + kx).to(tl.float32)
-                else:
-                    xv = tl.load(x_ptr + kx, mask=kx < K, other=0.0).to(tl.float32)
-                # the axes that share a loaded word (G, B) outermost: a thread keeps a word's values
-                acc += tl.permute(w, (2, 4, 0, 1, 3)) * tl.permute(xv, (1, 3, 0, 2))[:, :, None, :, :]
+                acc = _fma_parts(acc, q, sc, mn, kidx, x_ptr, k0, K, QT, EVEN_K)
             out = tl.sum(tl.sum(tl.sum(tl.sum(acc, axis=4), axis=3), axis=1), axis=0)
         else:
             acc = tl.zeros((BN, BK // GS, GS), dtype=tl.float32)
