@@ -41,7 +41,10 @@ __all__ = ["GEMV_MAX_ROWS", "gguf_experts", "gguf_experts_ref", "gguf_moe_gemv",
 
 # types the GEMV reads as words: gguf.py's `_PARTS` and IQ2_XXS (`_iq2xxs_parts`, here)
 _GEMV_PARTS = {**_PARTS, T.IQ2_XXS: (False, 32, 4, 2, 4)}
-GEMV_MAX_ROWS = 128  # routed rows (tokens x top_k) up to which gguf_experts takes the GEMV
+# routed rows (tokens x top_k) up to which gguf_experts takes the GEMV: on the H100 sweep (one R1 MoE layer,
+# bench/deepseek_gguf.py --kernels) it beat the expert-grouped MMA kernel at every size tried, 1 to 64 tokens
+# (512 rows: 14.3 ms against 19.9)
+GEMV_MAX_ROWS = 512
 SORT_MIN_TOKENS = 4  # from this many tokens the GEMV visits rows in expert order (an expert's rows together)
 
 
