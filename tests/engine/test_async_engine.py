@@ -1,5 +1,6 @@
 """AsyncEngine: concurrent streams are batched and equal the offline results; a client that
-goes away aborts its request; a bad request fails alone and the engine keeps serving."""
+goes away aborts its request; a bad request fails alone and the engine keeps serving. Each with the
+engine stepping synchronously and with overlapped scheduling."""
 
 import asyncio
 
@@ -20,10 +21,12 @@ def folder(tmp_path_factory):
     return save_safetensors(tiny_hf_model("qwen2", seed=3), str(tmp_path_factory.mktemp("tiny")))
 
 
-@pytest.fixture(scope="module")
-def engine(folder):
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "overlapped"])
+def engine(folder, request):
+    # overlapped scheduling is the default on one GPU; on CPU it runs the same host logic eagerly
     eng = AsyncEngine.from_engine_args(EngineArgs(folder, skip_tokenizer_init=True, dtype="float32",
-                                                  kv_cache_space_gb=0.1))
+                                                  kv_cache_space_gb=0.1, async_scheduling=request.param))
+    assert eng.engine.async_scheduling is request.param
     yield eng
     eng.shutdown()
 
