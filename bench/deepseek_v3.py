@@ -12,7 +12,9 @@ It checks, then times:
    against the eager kernel path (expect equal up to split order), and the eager kernel path
    (FP8 GEMM with per-token-group FP8 activations, fused FP8 MoE, Triton MLA decode) against the
    torch reference path (weights dequantized per call, torch MLA and expert loop, no activation
-   quantization: expect e4m3 activation noise, a few % relative);
+   quantization: expect e4m3 activation noise, a few % relative), once as is and once with the
+   routing pinned (the reference takes the kernel path's expert choices and weights, layer by
+   layer): what remains then is the kernels' numerics, not expert-choice flips;
 2. prefill tok/s (64 prompts of 128 tokens, one sampled token each), decode tok/s at batch 1 and 64
    (128-token prompts, 128 generated; generated tokens / time of the steps after every prompt is in);
 3. KV bytes per token measured (the cache tensors' bytes / the tokens they hold);
@@ -171,6 +173,39 @@ class reference_paths:
             setattr(m, n, f)
 
 
+class pinned_routing:
+    """Within the block, `grouped_topk` (every MoE layer's router) records its results; after
+    `replay()` it returns the recorded ones in the same order instead of routing again."""
+
+    def __enter__(self):
+        from finback.layers import moe
+
+        self.moe, self.route, self.calls, self.next = moe, moe.grouped_topk, [], None
+
+        def routed(*args, **kw):
+            if self.next is None:
+                self.calls.append(self.route(*args, **kw))
+                return self.calls[-1]
+            self.next += 1
+            return self.calls[self.next - 1]
+        moe.grouped_topk = routed
+        return self
+
+    def replay(self) -> None:
+        self.next = 0
+
+    def __exit__(self, *exc):
+        self.moe.grouped_topk = self.route
+
+
+def _compare(label: str, kern: torch.Tensor, ref: torch.Tensor) -> float:
+    rel = ((kern - ref).norm() / ref.norm()).item()
+    cos = torch.nn.functional.cosine_similarity(kern, ref, dim=-1).min().item()
+    print(f"  {label}: relative error {rel:.3g}, min cosine {cos:.5f}, argmax agree "
+          f"{(kern.argmax(-1) == ref.argmax(-1)).float().mean().item():.0%}")
+    return rel
+
+
 @torch.inference_mode()
 def check(engine: LLMEngine, batch: int = 4, ctx: int = 100) -> None:
     runner, dev = engine.runner, engine.device
@@ -197,10 +232,14 @@ def check(engine: LLMEngine, batch: int = 4, ctx: int = 100) -> None:
         print(f"  CUDA graph vs eager kernels: max |diff| {(graph - kern).abs().max().item():.3g} "
               f"(logits max {kern.abs().max().item():.3g}), argmax agree "
               f"{(graph.argmax(-1) == kern.argmax(-1)).float().mean().item():.0%}")
-    rel = ((kern - ref).norm() / ref.norm()).item()
-    cos = torch.nn.functional.cosine_similarity(kern, ref, dim=-1).min().item()
-    print(f"  eager kernels vs torch reference: relative error {rel:.3g}, min cosine {cos:.5f}, argmax agree "
-          f"{(kern.argmax(-1) == ref.argmax(-1)).float().mean().item():.0%}")
+    rel = _compare("eager kernels vs torch reference", kern, ref)
+    with pinned_routing() as pin:
+        kern_pinned = eager()
+        pin.replay()
+        with reference_paths():
+            ref_pinned = eager()
+        assert pin.next == len(pin.calls), "the two passes routed a different number of times"
+    _compare(f"the same with the routing pinned ({len(pin.calls)} MoE layers)", kern_pinned, ref_pinned)
     if not torch.isfinite(kern).all():
         raise SystemExit("FAILED: the kernel path gives non-finite logits")
     if rel > 0.1:
