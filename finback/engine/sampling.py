@@ -233,13 +233,10 @@ class Sampler:
         eos_token_ids: frozenset[int] = frozenset(),
     ) -> SamplerOutput:
         n = len(params)
-        if n == 0:
-            self._check(logits, params, prompt_token_ids, output_token_ids, generators)
-            return SamplerOutput(token_ids=[], logprobs=[])
         device = logits.device
-        vocab = logits.shape[1]
         raw = logits.float()  # no copy when already float32: never modified in place
         chosen = self._choose(raw, params, prompt_token_ids, output_token_ids, generators, eos_token_ids)
+        vocab = logits.shape[1]
 
         # logprobs (from raw logits) -----------------------------------------------
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -286,22 +283,14 @@ class Sampler:
         """Steps 1-4 only: the chosen token ids as a device tensor [N] (int64), with no device-to-host
         copy, so the caller can feed them to the next step before reading them (overlapped
         scheduling). Logprobs are not computed here."""
-        if not params:
-            self._check(logits, params, prompt_token_ids, output_token_ids, generators)
-            return torch.empty(0, dtype=torch.long, device=logits.device)
         return self._choose(logits.float(), params, prompt_token_ids, output_token_ids, generators, eos_token_ids)
 
-    @staticmethod
-    def _check(logits, params, prompt_token_ids, output_token_ids, generators) -> None:
+    def _choose(self, raw, params, prompt_token_ids, output_token_ids, generators, eos_token_ids) -> torch.Tensor:
         n = len(params)
-        if logits.dim() != 2 or logits.shape[0] != n:
-            raise ValueError(f"logits must be [N, V] with N={n} rows, got {tuple(logits.shape)}")
+        if raw.dim() != 2 or raw.shape[0] != n:
+            raise ValueError(f"logits must be [N, V] with N={n} rows, got {tuple(raw.shape)}")
         if not (len(prompt_token_ids) == len(output_token_ids) == len(generators) == n):
             raise ValueError("params, prompt_token_ids, output_token_ids, generators differ in length")
-
-    def _choose(self, raw, params, prompt_token_ids, output_token_ids, generators, eos_token_ids) -> torch.Tensor:
-        self._check(raw, params, prompt_token_ids, output_token_ids, generators)
-        n = len(params)
         work = self._process(raw, params, prompt_token_ids, output_token_ids, eos_token_ids)
         # 3./4. choose tokens
         sample_rows = [i for i, p in enumerate(params) if not p.is_greedy]

@@ -258,18 +258,15 @@ class ModelRunner:
         context_lens: list[int] = []
         sample_rows: list[int] = []
         last_token_index: list[int] = []
-        src: list[int] | None = None
+        src: list[int] = []  # per input id: the row of prev's sampled ids that gives it, or -1
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = seq.num_computed_tokens
             toks = seq.token_ids[start:start + n]
-            if prev is not None and toks[-1] == PENDING:  # only a sequence's last token can be pending
-                if src is None:
-                    src = [-1] * len(ids)
-                src.extend([-1] * (n - 1))
-                src.append(prev.row_of[seq.seq_id])
-                toks[-1] = 0
-            elif src is not None:
-                src.extend([-1] * n)
+            if prev is not None:  # only a sequence's last token can be pending
+                pending = toks[-1] == PENDING
+                src.extend([-1] * (n - 1) + [prev.row_of[seq.seq_id] if pending else -1])
+                if pending:
+                    toks[-1] = 0  # a placeholder: the device writes the sampled id over it
             ids.extend(toks)
             positions.extend(range(start, start + n))
             table = block_tables[i]
@@ -279,7 +276,7 @@ class ModelRunner:
                 sample_rows.append(i)
                 last_token_index.append(len(ids) - 1)
         dev = self.device
-        fed = None if src is None else (src, prev.ids)
+        fed = None if prev is None else (src, prev.ids)
         if (self.graphs is not None and len(sample_rows) == len(ids) and all(c > 0 for c in context_lens)
                 and self.graphs.bucket(len(ids)) is not None):
             # decode-only batch: replay the captured graph (forward + LM head)
