@@ -112,11 +112,7 @@ def gguf_gemv_q8_ref(x: torch.Tensor, data: torch.Tensor, qtype, k: int, out: to
 # ----------------------------------------------------------------------------- Triton kernels
 
 if HAS_TRITON:
-    _Q8_0 = tl.constexpr(int(T.Q8_0))
-    _Q2_K = tl.constexpr(int(T.Q2_K))
-    _Q4_K = tl.constexpr(int(T.Q4_K))
-    _Q6_K = tl.constexpr(int(T.Q6_K))
-    _IQ1_S = tl.constexpr(int(T.IQ1_S))
+    from finback.kernels.gguf import _IQ1_S, _Q2_K, _Q4_K, _Q6_K, _Q8_0  # the types as constexprs
 
     @triton.jit
     def _quantize_kernel(x_ptr, q_ptr, d_ptr, s_ptr, K, stride_xm, NB: tl.constexpr):

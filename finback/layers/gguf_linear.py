@@ -142,7 +142,7 @@ def gguf_matmul(x: torch.Tensor, w: GGUFWeight, out: torch.Tensor | None = None,
     elif tuple(out.shape) != (*lead, n):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {(*lead, n)}")
     o2 = out if out.dim() == 2 else out.view(m, n)
-    if q8 is None and m <= Q8_MAX_M and w.qtype in Q8_TYPES:
+    if q8 is None:
         q8 = quantize_x8(x2, (w,))
     if q8 is not None and w.qtype in Q8_TYPES:
         gguf_gemv_q8(x2, w.data, w.qtype, k, out=o2, q8=q8)

@@ -217,7 +217,7 @@ class _Linear(nn.Module):
         if self.gguf_parts and self.weight.numel() == 0:
             x2 = x.reshape(-1, x.shape[-1])
             y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-            q8 = quantize_x8(x2.contiguous(), [w for _, w in self.gguf_parts]) if x2.shape[0] <= 4 else None
+            q8 = quantize_x8(x2, [w for _, w in self.gguf_parts])  # once for all parts (None: not for the dp4a kernel)
             for start, w in self.gguf_parts:
                 gguf_matmul(x2, w, out=y[:, start:start + w.shape[0]], q8=q8)
             y = y.view(*x.shape[:-1], self.out_features)
