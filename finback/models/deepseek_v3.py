@@ -41,6 +41,7 @@ from finback.layers.moe import BlockFP8FusedMoE, FusedMoE, TopKRouter
 from finback.layers.norm import RMSNorm
 from finback.layers.rotary import RotaryEmbedding, softmax_mscale
 from finback.loader.config import ModelConfig
+from finback.models.llama import LlamaDecoderLayer
 from finback.runtime.parallel import (
     SINGLE,
     WHOLE,
@@ -128,15 +129,7 @@ class DeepseekV3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions, x, residual, meta):
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+    forward = LlamaDecoderLayer.forward  # the same pre-norm residual block: norm, attention, norm, MLP
 
 
 class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
