@@ -30,6 +30,7 @@ It checks, then times:
 
     python bench/deepseek_v3.py                 # GPU, ~3-4 minutes on one H100
     python bench/deepseek_v3.py --layers 5      # fewer layers
+    python bench/deepseek_v3.py --layers 5 --check-only   # step 1 alone
     python bench/deepseek_v3.py --tiny          # small shapes, any device (CPU: a check of this script)
 Needs only torch, triton, numpy and this repository.
 """
@@ -321,6 +322,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="small shapes (checks this script; runs on CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--check-only", action="store_true", help="stop after the correctness checks (step 1)")
     ap.add_argument("--reserve-gb", type=float, default=6.0, help="left free for activations and graphs")
     ap.add_argument("--allreduce-us", type=float, default=15.0, help="all-reduce latency on 8 GPUs")
     ap.add_argument("--nvlink-gbs", type=float, default=360.0, help="all-reduce bus bandwidth, GB/s")
@@ -351,6 +353,8 @@ def main() -> None:
           + (f"; GPU memory {torch.cuda.memory_allocated(device) / 2 ** 30:.1f} GiB" if device.type == "cuda" else ""))
 
     check(engine)
+    if args.check_only:
+        return
 
     kv_bytes = sum(c.numel() * c.element_size() for c in runner.kv_caches)
     kv_tokens = engine.num_kv_blocks * runner.block_size

@@ -98,9 +98,9 @@ def parse_batched(path: str) -> dict[int, float]:
     return out
 
 
-def run(cmd: list[str], env: dict | None = None) -> None:
+def run(cmd: list[str], env: dict | None = None, check: bool = True) -> int:
     print("+ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ, **(env or {})}, cwd=ROOT)
+    return subprocess.run(cmd, check=check, env={**os.environ, **(env or {})}, cwd=ROOT).returncode
 
 
 def fmt(v: float | None, digits: int = 0) -> str:
@@ -135,7 +135,12 @@ def main() -> None:
             if name.endswith(".md"):  # llamacpp.sh appends: start clean
                 os.remove(os.path.join(a.out, name))
         npl = ",".join(str(c) for c in [1] + conc)
-        run(["bash", script, *sizes], {"OUT": a.out, "NPL": npl})
+        # llamacpp.sh ends on `[[ -n ${LONG:-} ]] && ...`, so it exits 1 when LONG is unset even after
+        # every table was written: judge it by its tables, not its status
+        rc = run(["bash", script, *sizes], {"OUT": a.out, "NPL": npl}, check=False)
+        table = os.path.join(a.out, "llama-bench.md")
+        if not os.path.exists(table) or not os.path.getsize(table):
+            sys.exit(f"llama.cpp's benchmarks wrote no llama-bench table (exit status {rc})")
     fb_json = os.path.join(a.out, "finback.json")
     if not a.skip_finback:
         run([sys.executable, os.path.join(HERE, "decode.py"), "--gguf-files", ",".join(p for _, _, p in files(sizes)),

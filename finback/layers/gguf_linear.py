@@ -10,7 +10,9 @@ Decode rows of 16-bit activations (M <= 4, CUDA, the types of `Q8_TYPES`) take t
 kernel of `finback.kernels.gguf_dp4a` instead (llama.cpp's mmvq: x quantized to int8 per 32 values,
 integer dot products): `quantize_x8` quantizes x once for all the parts of a layer that read it. Its
 error beyond bf16's is the activation rounding (bounded in that module); float32 activations keep
-the float kernels (exact to float32 rounding). `Q8_DECODE = False` turns it off.
+the float kernels (exact to float32 rounding). `Q8_DECODE = False` turns it off. More rows of Q4_K,
+Q6_K and Q8_0 weights (what Q4_K_M and Q8_0 files hold) take `finback.kernels.gguf_mma` (a 2-D
+decoder per type feeding the tensor cores); the other types keep `gguf_gemv` / `gguf_gemm`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from finback.kernels import use_triton
 from finback.kernels.gguf import GEMV_MAX_M, KERNEL_TYPES, gguf_gemm, gguf_gemv, gguf_matmul_ref
 from finback.kernels.gguf_dp4a import MAX_M as Q8_MAX_M
 from finback.kernels.gguf_dp4a import Q8_TYPES, gguf_gemv_q8, quantize_q8
+from finback.kernels.gguf_mma import gguf_mma, mma_takes
 
 Q8_DECODE = True
 
@@ -146,6 +149,8 @@ def gguf_matmul(x: torch.Tensor, w: GGUFWeight, out: torch.Tensor | None = None,
         q8 = quantize_x8(x2, (w,))
     if q8 is not None and w.qtype in Q8_TYPES:
         gguf_gemv_q8(x2, w.data, w.qtype, k, out=o2, q8=q8)
+    elif use_triton(x) and m > Q8_MAX_M and mma_takes(w.data, w.qtype):
+        gguf_mma(x2, w.data, w.qtype, k, out=o2)
     elif use_triton(x) and w.qtype in KERNEL_TYPES:
         (gguf_gemv if m <= GEMV_MAX_M else gguf_gemm)(x2, w.data, w.qtype, k, out=o2)
     else:
