@@ -687,6 +687,26 @@ def _locks(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
+def _plan_split(out: torch.Tensor, k: int, step: int, tiles: int, split_k: int | None
+                ) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """Split K for a launch of `tiles` output tiles over K in steps of `step` values: (programs per tile,
+    values per program (a multiple of step), the fp32 partials workspace and arrival counters; both
+    `out` itself when there is no split). split_k None: split only to fill the GPU (~2 programs per
+    SM), keeping >= 2 steps per program."""
+    m, n = out.shape
+    k_iters = triton.cdiv(k, step)
+    if split_k is None:
+        sms = _num_sms(out.device)
+        split_k = 1 if tiles >= sms else min(triton.cdiv(2 * sms, tiles), max(1, k_iters // 2))
+    split_k = max(1, min(int(split_k), k_iters))
+    k_split = triton.cdiv(k_iters, split_k) * step
+    split_k = triton.cdiv(k, k_split)
+    if split_k > 1:
+        return split_k, k_split, torch.empty(split_k, m, n, dtype=torch.float32, device=out.device), \
+            _locks(out.device, tiles)
+    return split_k, k_split, out, out
+
+
 def _matmul(x: torch.Tensor, data: torch.Tensor, qt: GGMLQuantizationType, k: int, out: torch.Tensor, *,
             block_m: int, block_n: int, block_k: int, swap: bool, split_k: int | None, num_warps: int,
             num_stages: int, mma: bool = True) -> torch.Tensor:
@@ -704,17 +724,7 @@ def _matmul(x: torch.Tensor, data: torch.Tensor, qt: GGMLQuantizationType, k: in
     fast = qt in _PARTS and block_k % unit == 0 and (
         not words or (data.data_ptr() % 4 == 0 and data.stride(0) % 4 == 0))
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_iters = triton.cdiv(k, block_k)
-    if split_k is None:  # split K only to fill the GPU, keeping >= 2 K steps per program
-        sms = _num_sms(out.device)
-        split_k = 1 if tiles >= sms else min(triton.cdiv(2 * sms, tiles), max(1, k_iters // 2))
-    split_k = max(1, min(int(split_k), k_iters))
-    k_split = triton.cdiv(k_iters, split_k) * block_k
-    split_k = triton.cdiv(k, k_split)
-    if split_k > 1:
-        ws, locks = torch.empty(split_k, m, n, dtype=torch.float32, device=out.device), _locks(out.device, tiles)
-    else:
-        ws = locks = out
+    split_k, k_split, ws, locks = _plan_split(out, k, block_k, tiles, split_k)
     if fast and qt == T.IQ1_S:
         from finback.loader import iq_grids
 

@@ -51,7 +51,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from finback.kernels import HAS_TRITON, interpreting
-from finback.kernels.gguf import _check, _locks, _num_sms, _require_triton, gguf_matmul_ref
+from finback.kernels.gguf import _check, _num_sms, _plan_split, _require_triton, gguf_matmul_ref
 
 if HAS_TRITON:
     import triton
@@ -374,16 +374,9 @@ def gguf_gemv_q8(x: torch.Tensor, data: torch.Tensor, qtype, k: int, out: torch.
     align = 16 if qt == T.Q4_K else 4  # Q4_K: 16-byte vectors (the kernel is told so), Q2_K: int32 words
     aligned = data.data_ptr() % align == 0 and data.stride(0) % align == 0 and data.shape[1] % 4 == 0
     tiles = triton.cdiv(n, block_n)
-    k_iters = triton.cdiv(k, block_k)
     if split_k is None:
         split_k = triton.cdiv(SPLIT_WARPS_PER_SM * _num_sms(out.device), tiles * num_warps)
-    split_k = max(1, min(int(split_k), k_iters))
-    k_split = triton.cdiv(k_iters, split_k) * block_k
-    split_k = triton.cdiv(k, k_split)
-    if split_k > 1:
-        ws, locks = torch.empty(split_k, m, n, dtype=torch.float32, device=out.device), _locks(out.device, tiles)
-    else:
-        ws = locks = out
+    split_k, k_split, ws, locks = _plan_split(out, k, block_k, tiles, split_k)
     if qt == T.IQ1_S:
         from finback.loader import iq_grids
 

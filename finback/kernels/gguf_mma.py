@@ -31,7 +31,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from finback.kernels import HAS_TRITON, interpreting
-from finback.kernels.gguf import _check, _locks, _num_sms, _require_triton
+from finback.kernels.gguf import _check, _plan_split, _require_triton
 
 if HAS_TRITON:
     import triton
@@ -41,7 +41,7 @@ if HAS_TRITON:
 
 T = GGMLQuantizationType
 
-# type -> (values per loop step, bytes per block, values per block)
+# type -> (values per loop step (Q8_0: at most; K decides), bytes per block, values per block)
 _STEP: dict[GGMLQuantizationType, tuple[int, int, int]] = {
     T.Q4_K: (256, 144, 256), T.Q6_K: (128, 210, 256), T.Q8_0: (128, 34, 32),
 }
@@ -238,18 +238,10 @@ def gguf_mma(x: torch.Tensor, data: torch.Tensor, qtype, k: int, out: torch.Tens
     for name, v in (("block_m", block_m), ("block_n", block_n)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+    if qt == T.Q8_0:  # 4 blocks a step where K allows (K is only a multiple of 32)
+        step = 128 if k % 128 == 0 else 64 if k % 64 == 0 else 32
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_iters = k // step
-    if split_k is None:
-        sms = _num_sms(out.device)
-        split_k = 1 if tiles >= sms else min(triton.cdiv(2 * sms, tiles), max(1, k_iters // 2))
-    split_k = max(1, min(int(split_k), k_iters))
-    k_split = triton.cdiv(k_iters, split_k) * step
-    split_k = triton.cdiv(k, k_split)
-    if split_k > 1:
-        ws, locks = torch.empty(split_k, m, n, dtype=torch.float32, device=out.device), _locks(out.device, tiles)
-    else:
-        ws = locks = out
+    split_k, k_split, ws, locks = _plan_split(out, k, step, tiles, split_k)
     align = 16 if data.data_ptr() % 16 == 0 and data.stride(0) % 16 == 0 and qt == T.Q4_K else 2
     widen = interpreting() and x.dtype != torch.float32
     _mma_kernel[(tiles, split_k)](

@@ -69,6 +69,14 @@ def test_split_k_is_deterministic_and_rearms_its_counters(qtype):
     assert not _LOCKS[first.device].any()  # every tile's counter is back at zero for the next call
 
 
+def test_q8_0_rows_that_are_not_a_multiple_of_its_step():
+    gen = torch.Generator().manual_seed(5)
+    for k in (96, 576):  # 3 blocks; SmolLM2's hidden size (4.5 steps of 128)
+        data = _blocks(T.Q8_0, 20, k, gen)
+        x = torch.randn(6, k, generator=gen).to(DEVICE)
+        _check(_mma(x, data, T.Q8_0, k, out=_poisoned(6, 20), split_k=2), x, data, T.Q8_0, k)
+
+
 def test_bf16_strided_weight_rows_and_a_column_slice_of_out():
     gen = torch.Generator().manual_seed(3)
     n, k = 48, 768
