@@ -14,7 +14,10 @@ It checks, then times:
    torch reference path (weights dequantized per call, torch MLA and expert loop, no activation
    quantization: expect e4m3 activation noise, a few % relative), once as is and once with the
    routing pinned (the reference takes the kernel path's expert choices and weights, layer by
-   layer): what remains then is the kernels' numerics, not expert-choice flips;
+   layer): what remains then is the kernels' numerics, not expert-choice flips; and, pinned too,
+   against a reference that rounds the FP8 layers' activations to e4m3 per 128 values as the
+   kernels do: what remains then is accumulation order, bf16 rounding and the e4m3 roundings those
+   tip over;
 2. prefill tok/s (64 prompts of 128 tokens, one sampled token each), decode tok/s at batch 1 and 64
    (128-token prompts, 128 generated; generated tokens / time of the steps after every prompt is in);
 3. KV bytes per token measured (the cache tensors' bytes / the tokens they hold);
@@ -158,16 +161,28 @@ def _step_meta(runner, tables, ctx, qlen):
 
 class reference_paths:
     """Within the block, the layers take their torch paths: MLA decode and experts in torch, FP8
-    linears dequantized per call (no FP8 GEMM)."""
+    linears dequantized per call (no FP8 GEMM). act_quant: the FP8 linears and experts quantize their
+    activations to e4m3 per 128 values as the kernels do (`fp8_block_gemm_ref`, the kernels'
+    `fused_moe_ref`), so what is left against the kernel path is accumulation order and bf16 rounding."""
+
+    def __init__(self, act_quant: bool = False):
+        self.act_quant = act_quant
 
     def __enter__(self):
-        from finback.kernels import fp8_gemm
+        from finback.kernels import fp8_gemm, fused_moe
         from finback.layers import mla, moe
 
         self.saved = [(m, n, getattr(m, n)) for m, n in ((mla, "use_triton"), (moe, "use_triton"),
-                                                          (fp8_gemm, "supports_fp8_dot"))]
-        for m, n, _ in self.saved:
-            setattr(m, n, lambda t: False)
+                                                          (fp8_gemm, "supports_fp8_dot"), (fp8_gemm, "fp8_block_gemm"),
+                                                          (moe.BlockFP8FusedMoE, "forward"))]
+        mla.use_triton = moe.use_triton = lambda t: False
+        if self.act_quant:
+            fp8_gemm.fp8_block_gemm = lambda x, w, scale: fp8_gemm.fp8_block_gemm_ref(x, w, scale)
+            moe.BlockFP8FusedMoE.forward = lambda mod, x, tw, ti: fused_moe.fused_moe_ref(
+                x, mod.w13, mod.w2, tw, ti, mod.w13_scale_inv, mod.w2_scale_inv)
+        else:
+            fp8_gemm.supports_fp8_dot = lambda t: False
+        return self
 
     def __exit__(self, *exc):
         for m, n, f in self.saved:
@@ -240,7 +255,12 @@ def check(engine: LLMEngine, batch: int = 4, ctx: int = 100) -> None:
         with reference_paths():
             ref_pinned = eager()
         assert pin.next == len(pin.calls), "the two passes routed a different number of times"
+        pin.replay()
+        with reference_paths(act_quant=True):
+            refq_pinned = eager()
     _compare(f"the same with the routing pinned ({len(pin.calls)} MoE layers)", kern_pinned, ref_pinned)
+    _compare("kernels vs a reference that rounds activations to e4m3 as they do (routing pinned)",
+             kern_pinned, refq_pinned)
     if not torch.isfinite(kern).all():
         raise SystemExit("FAILED: the kernel path gives non-finite logits")
     if rel > 0.1:
