@@ -151,7 +151,8 @@ def test_mixed_llama_blocks_give_the_same_greedy_tokens(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernels)")
 def test_mixed_llama_on_cuda_matches_cpu(tmp_path):
     """On CUDA the blocks stay on the GPU by default and the kernels compute: prefill logits of a
-    7-token prompt (GEMV) and a 40-token prompt (GEMM, tf32 in fp32) match the CPU dequantized path."""
+    3-token prompt (GEMV), a 7-token and a 40-token prompt (gguf_mma for Q4_K/Q6_K/Q8_0, fp32 "ieee"
+    dots; GEMV / GEMM for the other types) match the CPU dequantized path."""
     from fbtest import tiny_hf_model
 
     from finback.loader.checkpoint import open_checkpoint
@@ -167,7 +168,7 @@ def test_mixed_llama_on_cuda_matches_cpu(tmp_path):
     assert [w.device.type for _, w in qkv.gguf_parts] == ["cuda"] * 3 and qkv.weight.numel() == 0
     assert not runners["cpu"].model.model.layers[0].self_attn.qkv_proj.gguf_parts
     gen = torch.Generator().manual_seed(0)
-    for n in (7, 40):
+    for n in (3, 7, 40):
         ids = torch.randint(3, 1024, (n,), generator=gen).tolist()
         logits = {d: r.model.compute_logits(r.hidden_states(ids, [0, 1, 2])).float().cpu() for d, r in runners.items()}
         scale = logits["cpu"].abs().max()
