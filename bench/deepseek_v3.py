@@ -261,6 +261,25 @@ def check(engine: LLMEngine, batch: int = 4, ctx: int = 100) -> None:
     _compare(f"the same with the routing pinned ({len(pin.calls)} MoE layers)", kern_pinned, ref_pinned)
     _compare("kernels vs a reference that rounds activations to e4m3 as they do (routing pinned)",
              kern_pinned, refq_pinned)
+    # how much this random-weight model amplifies a rounding-sized change: the same eager step with
+    # the embedding's output scaled by (1 + 1e-3 N(0, 1)) per element (about bf16's rounding), routed
+    # afresh and with the routing pinned to the unperturbed step's
+    def perturbed() -> torch.Tensor:
+        gen = torch.Generator(device=dev).manual_seed(0)
+        hook = model.model.embed_tokens.register_forward_hook(
+            lambda mod, args, out: out * (1 + 1e-3 * torch.randn(out.shape, generator=gen, device=out.device)
+                                          ).to(out.dtype))
+        try:
+            return eager()
+        finally:
+            hook.remove()
+
+    _compare("the model's own sensitivity: eager kernels, embedding output perturbed by 1e-3", perturbed(), kern)
+    with pinned_routing() as pin:
+        base = eager()
+        pin.replay()
+        moved = perturbed()
+    _compare("the same with the routing pinned", moved, base)
     if not torch.isfinite(kern).all():
         raise SystemExit("FAILED: the kernel path gives non-finite logits")
     if rel > 0.1:
@@ -343,12 +362,15 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--check-only", action="store_true", help="stop after the correctness checks (step 1)")
+    ap.add_argument("--experts", type=int, default=None, help="routed experts (a multiple of 8; default 256)")
     ap.add_argument("--reserve-gb", type=float, default=6.0, help="left free for activations and graphs")
     ap.add_argument("--allreduce-us", type=float, default=15.0, help="all-reduce latency on 8 GPUs")
     ap.add_argument("--nvlink-gbs", type=float, default=360.0, help="all-reduce bus bandwidth, GB/s")
     args = ap.parse_args()
     device = torch.device(args.device)
     cfg = TINY if args.tiny else R1
+    if args.experts:
+        cfg = dict(cfg, n_routed_experts=args.experts)
     kv_seqs, kv_len, prompt_len, gen = (64, 2048, 128, 128) if not args.tiny else (8, 256, 16, 8)
     kv_blocks = kv_seqs * kv_len // 16 + 64
     layers = args.layers
