@@ -17,7 +17,9 @@ It checks, then times:
    layer): what remains then is the kernels' numerics, not expert-choice flips; and, pinned too,
    against a reference that rounds the FP8 layers' activations to e4m3 per 128 values as the
    kernels do: what remains then is accumulation order, bf16 rounding and the e4m3 roundings those
-   tip over;
+   tip over; and the model's own sensitivity beside them (the same step with the embedding's output
+   scaled by 1 + 1e-3 N(0, 1), routed afresh and pinned), which says how far random weights carry
+   a rounding-sized difference;
 2. prefill tok/s (64 prompts of 128 tokens, one sampled token each), decode tok/s at batch 1 and 64
    (128-token prompts, 128 generated; generated tokens / time of the steps after every prompt is in);
 3. KV bytes per token measured (the cache tensors' bytes / the tokens they hold);
@@ -35,6 +37,8 @@ It checks, then times:
     python bench/deepseek_v3.py --layers 5      # fewer layers
     python bench/deepseek_v3.py --layers 5 --check-only   # step 1 alone
     python bench/deepseek_v3.py --tiny          # small shapes, any device (CPU: a check of this script)
+    python bench/deepseek_v3.py --device cpu --layers 5 --experts 16 --check-only --eager   # the real width
+                                                # with fewer experts on a CPU: the sensitivity line
 Needs only torch, triton, numpy and this repository.
 """
 
