@@ -34,7 +34,7 @@ from gguf import GGMLQuantizationType as T
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from gguf_kernels import copies, copy_bandwidth, graph_us, summary  # noqa: E402
+from gguf_kernels import banner, copies, graph_us, summary  # noqa: E402
 
 from finback.kernels.gguf import gguf_gemv, gguf_matmul_ref  # noqa: E402
 from finback.kernels.gguf_dp4a import SPLIT_WARPS_PER_SM, gguf_gemv_q8, gguf_gemv_q8_ref, quantize_q8  # noqa: E402
@@ -85,10 +85,7 @@ def main() -> None:
     shapes = [(f"{model}/{name}", nk) for model in args.shapes.split(",") for name, nk in SHAPES[model].items()]
     ms = [int(m) for m in args.m.split(",")]
 
-    props = torch.cuda.get_device_properties(0)
-    bw = copy_bandwidth()
-    print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
-    print(f"# device copy bandwidth (1 GiB, read + write, CUDA graph): {bw / 1e9:.0f} GB/s")
+    bw = banner()
     gen = torch.Generator().manual_seed(0)
 
     head = (f"{'type':6} {'shape':16} {'N x K':>11} {'M':>2} {'q8 us':>8} {'pre us':>8} {'GB/s':>6} {'%copy':>6} "

@@ -102,6 +102,15 @@ def copy_bandwidth() -> float:
     return 2 * (1 << 30) / (graph_us([lambda: dst.copy_(src)], calls=10) * 1e-6)
 
 
+def banner() -> float:
+    """Print the GPU and software line and the device copy bandwidth; return the bandwidth (bytes/s)."""
+    props = torch.cuda.get_device_properties(0)
+    bw = copy_bandwidth()
+    print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"# device copy bandwidth (1 GiB, read + write, CUDA graph): {bw / 1e9:.0f} GB/s")
+    return bw
+
+
 def sweep_row(fn, x, datas, qt, k, out, configs, default_us):
     """Times of every config that compiles, as {index: us}."""
     res = {}
@@ -149,10 +158,7 @@ def main() -> None:
     ms = [int(m) for m in args.m.split(",")] if args.m else [1, 4, 16, 64, 512] if args.all else [1, 16, 512]
     shapes = [(f"{model}/{name}", nk) for model in models for name, nk in SHAPES[model].items()]
 
-    props = torch.cuda.get_device_properties(0)
-    bw = copy_bandwidth()
-    print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
-    print(f"# device copy bandwidth (1 GiB, read + write, CUDA graph): {bw / 1e9:.0f} GB/s")
+    bw = banner()
     head = (f"{'type':7} {'shape':14} {'N x K':>11} {'M':>4} {'kernel':6} {'rel.err':>8} {'us':>8} "
             f"{'GB/s':>6} {'%copy':>6} {'dense us':>8} {'vs dense':>8}")
     print(head)

@@ -26,13 +26,12 @@ import os
 import sys
 
 import torch
-import triton
 from gguf import GGMLQuantizationType as T
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from gguf_kernels import copies, copy_bandwidth, graph_us, summary, sweep_row  # noqa: E402
+from gguf_kernels import banner, copies, graph_us, summary, sweep_row  # noqa: E402
 
 from finback.kernels.gguf import GEMV_MAX_M, gguf_gemm, gguf_gemv  # noqa: E402
 from finback.kernels.gguf_mma import gguf_mma  # noqa: E402
@@ -82,10 +81,7 @@ def main() -> None:
     types = [T[t] for t in args.types.split(",")]
     ms = [int(m) for m in args.m.split(",")]
     shapes = [(f"{s}/{name}", nk) for s in args.shapes.split(",") for name, nk in SHAPES[s].items()]
-    props = torch.cuda.get_device_properties(0)
-    bw = copy_bandwidth()
-    print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
-    print(f"# device copy bandwidth: {bw / 1e9:.0f} GB/s")
+    bw = banner()
     head = (f"{'type':5} {'shape':13} {'N x K':>11} {'M':>4} {'rel.err':>8} {'mma us':>8} {'GB/s':>6} {'%copy':>6} "
             f"{'old us':>8} {'speedup':>7} {'dense us':>8} {'vs dense':>8} {'TFLOP/s':>7}")
     print(head)

@@ -596,17 +596,22 @@ if HAS_TRITON:
             tl.store(ys, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _mm_pids(M, BM: tl.constexpr):
+        """(tile, K split, M tile, N tile) of a matmul program over grid (M tiles x N tiles, splits): the M
+        tiles fastest, so the programs that share a weight tile run next to each other (it comes from L2
+        for all but the first)."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BM)
+        return pid, tl.program_id(1), pid % num_m, pid // num_m
+
+    @triton.jit
     def _mm_kernel(x_ptr, w_ptr, h_ptr, w32_ptr, t_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_w,
                    stride_ym, k_split,
                    QT: tl.constexpr, GS: tl.constexpr, HAS_MIN: tl.constexpr, FAST: tl.constexpr,
                    UNIT: tl.constexpr, G: tl.constexpr, A: tl.constexpr, B: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr,
                    PREC: tl.constexpr, WIDEN: tl.constexpr, EVEN_K: tl.constexpr):
-        pid = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        num_m = tl.cdiv(M, BM)
-        pid_m = pid % num_m  # programs that share a weight tile run next to each other
-        pid_n = pid // num_m
+        pid, pid_k, pid_m, pid_n = _mm_pids(M, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         row_off = tl.minimum(rn, N - 1).to(tl.int64) * stride_w  # rows past N re-read row N-1, not stored
         rm = pid_m * BM + tl.arange(0, BM)

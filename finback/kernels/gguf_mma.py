@@ -37,7 +37,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from finback.kernels.gguf import _Q4_K, _Q6_K, _Q8_0, _store
+    from finback.kernels.gguf import _Q4_K, _Q6_K, _Q8_0, _mm_pids, _store
 
 T = GGMLQuantizationType
 
@@ -129,11 +129,7 @@ if HAS_TRITON:
                     QT: tl.constexpr, STEP: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_VALUES: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr,
                     PREC: tl.constexpr, WIDEN: tl.constexpr, ALIGN: tl.constexpr, PREFETCH: tl.constexpr):
-        pid = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        num_m = tl.cdiv(M, BM)
-        pid_m = pid % num_m  # programs that share a weight tile run next to each other
-        pid_n = pid // num_m
+        pid, pid_k, pid_m, pid_n = _mm_pids(M, BM)
         rn = pid_n * BN + tl.arange(0, BN)
         row_off = tl.multiple_of(tl.minimum(rn, N - 1).to(tl.int64) * stride_w, ALIGN)  # rows past N re-read N-1
         rm = pid_m * BM + tl.arange(0, BM)
