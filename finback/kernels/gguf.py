@@ -28,6 +28,11 @@ through `_tile`, a per-value byte gather (also the routed-expert kernel's decode
 - `gguf_matmul_ref`: `finback.loader.quants.dequantize` then a float32 torch matmul. It is the
   reference the kernels are tested against and the CPU path.
 
+The layers (`finback.layers.gguf_linear.gguf_matmul`) use these kernels for every type but send
+1-4 rows of 16-bit activations of the dp4a types to `gguf_dp4a.gguf_gemv_q8`, and 5 or more rows of
+Q4_K, Q6_K and Q8_0 (what Q4_K_M and Q8_0 files hold) to `gguf_mma.gguf_mma`, whose per-type 2-D
+decoders cost 1.3-2.3x fewer instructions per weight (sm_90, main loop) than `_w_parts` here.
+
 Integers are turned into floats by placing them in a float's mantissa (bits | 0x4B000000 is the
 float 2**23 + q) and subtracting, which is exact and avoids slow int-to-float conversions. fp16
 fields are read through a float16 view of the same bytes (every fp16 field sits at an even offset).
