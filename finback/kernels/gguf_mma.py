@@ -37,7 +37,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from finback.kernels.gguf import _Q4_K, _Q6_K, _Q8_0, _mm_pids, _store
+    from finback.kernels.gguf import _Q4_K, _Q6_K, _Q8_0, _float, _mm_pids, _store
 
 T = GGMLQuantizationType
 
@@ -74,11 +74,9 @@ if HAS_TRITON:
             return tl.dot(x, tl.trans(wt), acc, input_precision=PREC)
 
     @triton.jit
-    def _f32(q, bias: tl.constexpr = 0.0):
-        """Non-negative int32 q < 2**23 -> the float32 q - bias (bias a small integer), exactly: q placed in a
-        float's mantissa (q | 0x4B000000 is the float 2**23 + q), then 2**23 + bias subtracted; an OR and
-        an add instead of a slow I2F."""
-        return (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + bias)
+    def _blocks_at(row_off, k, BLOCK_VALUES: tl.constexpr, BLOCK_BYTES: tl.constexpr, ALIGN: tl.constexpr):
+        """Byte offsets [BN] of the block holding value k in each row (row_off [BN]: the rows' offsets)."""
+        return tl.multiple_of(row_off + (k // BLOCK_VALUES) * BLOCK_BYTES, ALIGN)
 
     @triton.jit
     def _q4k_fetch(w_ptr, h_ptr, w32_ptr, base, l32):
@@ -120,7 +118,7 @@ if HAS_TRITON:
                     sh = 16 * (c - 2) + 8 * t
                     sc = ((sw2 >> sh) & 15) | (((sw0 >> (sh + 6)) & 3) << 4)
                     mn = ((sw2 >> (sh + 4)) & 15) | (((sw1 >> (sh + 6)) & 3) << 4)
-                w = _f32((q >> (4 * t)) & 15) * (d * _f32(sc))[:, None] - (dmin * _f32(mn))[:, None]
+                w = _float((q >> (4 * t)) & 15, 0.0) * (d * _float(sc, 0.0))[:, None] - (dmin * _float(mn, 0.0))[:, None]
                 acc = _dot(acc, w, x_rows, rm_ok, k0 + 64 * c + 32 * t + l32, xdt, SWAP, PREC, WIDEN)
         return acc
 
@@ -146,15 +144,14 @@ if HAS_TRITON:
         k_lo = pid_k * k_split
         k_hi = tl.minimum(k_lo + k_split, K)
         if QT == _Q4_K and PREFETCH:
-            cur = _q4k_fetch(w_ptr, h_ptr, w32_ptr, tl.multiple_of(row_off + (k_lo // BLOCK_VALUES) * BLOCK_BYTES, ALIGN),
-                             l32)
+            cur = _q4k_fetch(w_ptr, h_ptr, w32_ptr, _blocks_at(row_off, k_lo, BLOCK_VALUES, BLOCK_BYTES, ALIGN), l32)
         for k0 in range(k_lo, k_hi, STEP):
-            base = tl.multiple_of(row_off + (k0 // BLOCK_VALUES) * BLOCK_BYTES, ALIGN)  # [BN] the (first) block
+            base = _blocks_at(row_off, k0, BLOCK_VALUES, BLOCK_BYTES, ALIGN)  # [BN] the step's (first) block
             if QT == _Q4_K:
                 if PREFETCH:  # this step's blocks were loaded during the last one; load the next step's now
                     k_next = tl.minimum(k0 + STEP, k_hi - STEP)  # the last step re-loads itself (unused)
-                    nxt = _q4k_fetch(w_ptr, h_ptr, w32_ptr,
-                                     tl.multiple_of(row_off + (k_next // BLOCK_VALUES) * BLOCK_BYTES, ALIGN), l32)
+                    nxt = _q4k_fetch(w_ptr, h_ptr, w32_ptr, _blocks_at(row_off, k_next, BLOCK_VALUES, BLOCK_BYTES, ALIGN),
+                                     l32)
                     acc = _q4k_use(acc, cur, x_rows, rm_ok, k0, l32, xdt, SWAP, PREC, WIDEN)
                     cur = nxt
                 else:
@@ -174,7 +171,7 @@ if HAS_TRITON:
                     else:
                         lo = qb
                     v = ((lo >> (4 * (p // 2))) & 0x0F0F) | (((qh >> (2 * p)) & 0x0303) << 4)  # two 6-bit quants
-                    q = tl.reshape(tl.join(_f32(v & 255, 32.0), _f32((v >> 8) & 255, 32.0)), (BN, 32))
+                    q = tl.reshape(tl.join(_float(v & 255, 32.0), _float((v >> 8) & 255, 32.0)), (BN, 32))
                     sa = tl.load(w_ptr + base + 192 + 8 * hf + 2 * p).to(tl.int32)
                     sb = tl.load(w_ptr + base + 193 + 8 * hf + 2 * p).to(tl.int32)
                     sa = (sa - ((sa >> 7) << 8)).to(tl.float32) * d  # int8
@@ -186,7 +183,7 @@ if HAS_TRITON:
                 for b in tl.static_range(STEP // 32):  # STEP // 32 blocks of 34 bytes
                     hb = base // 2 + 17 * b
                     v = tl.load(h16_ptr + (hb + 1)[:, None] + l16[None, :]).to(tl.int32) ^ 0x8080  # int8 + 128
-                    q = tl.reshape(tl.join(_f32(v & 255, 128.0), _f32((v >> 8) & 255, 128.0)), (BN, 32))
+                    q = tl.reshape(tl.join(_float(v & 255, 128.0), _float((v >> 8) & 255, 128.0)), (BN, 32))
                     d = tl.load(h_ptr + hb).to(tl.float32)
                     acc = _dot(acc, q * d[:, None], x_rows, rm_ok, k0 + 32 * b + l32, xdt, SWAP, PREC, WIDEN)
         if SWAP:
@@ -204,8 +201,9 @@ def gguf_mma(x: torch.Tensor, data: torch.Tensor, qtype, k: int, out: torch.Tens
     Defaults (tiles from an H100 sweep): Q4_K up to 16 rows of x a 16-row tile on the MMA's N side
     (swap) against 64 weight rows on 4 warps, up to 256 rows 32/64 of them (swap) against 128 weight rows
     on 8 warps with the register prefetch, above 128 x 256 tiles on 8 warps; Q6_K and Q8_0 16 x 64 tiles
-    up to 16 rows, 32/64-row tiles (swap) against 64 weight rows up to 256, 128 x 128 above, on 4 warps. split_k: programs per output tile along K
-    (default: enough for ~2 programs per SM when there are fewer tiles than SMs)."""
+    up to 16 rows, 32/64-row tiles (swap) against 64 weight rows up to 256, 128 x 128 above, on 4 warps.
+    split_k: programs per output tile along K (default: enough for ~2 programs per SM when there are
+    fewer tiles than SMs)."""
     _require_triton()
     qt, n = _check(x, data, qtype, k, out, types=MMA_TYPES)
     if not mma_takes(data, qt):
