@@ -182,17 +182,23 @@ def _write_tiny_deepseek2(path: str, types: dict | None = None) -> str:
     return path
 
 
-def test_tiny_deepseek2_blocks_give_the_same_greedy_tokens(tmp_path):
+def _cpu_runner(path: str, blocks: bool):
+    """A float32 CPU runner of the GGUF at path (blocks kept, or dequantized at load) with a small KV cache."""
     from finback.loader.checkpoint import open_checkpoint
     from finback.runtime.model_runner import ModelRunner
 
+    with open_checkpoint(path) as ckpt:
+        runner = ModelRunner(ckpt, torch.device("cpu"), torch.float32, gguf_blocks=blocks)
+    runner.allocate_kv_cache(4, 16)
+    return runner
+
+
+def test_tiny_deepseek2_blocks_give_the_same_greedy_tokens(tmp_path):
     path = _write_tiny_deepseek2(str(tmp_path / "ds2-mixed.gguf"))
     prompt = [5, 77, 300, 12, 201, 44, 7, 150, 9]
     results = {}
     for blocks in (False, True):
-        with open_checkpoint(path) as ckpt:
-            runner = ModelRunner(ckpt, torch.device("cpu"), torch.float32, gguf_blocks=blocks)
-        runner.allocate_kv_cache(4, 16)
+        runner = _cpu_runner(path, blocks)
         layers = runner.model.model.layers
         experts = layers[1].mlp.experts
         if blocks:  # routed experts, attention and shared experts as blocks, each in its own type
@@ -217,17 +223,12 @@ def test_tiny_deepseek2_blocks_give_the_same_greedy_tokens(tmp_path):
 def test_dense_experts_in_a_gguf_get_real_stacks(tmp_path):
     """Experts stored F16 in a GGUF: the stacks the block path builds on meta become real at load, and
     the model gives the same tokens as the dense load."""
-    from finback.loader.checkpoint import open_checkpoint
-    from finback.runtime.model_runner import ModelRunner
-
     types = dict(TYPES, ffn_gate_exps=T.F16, ffn_up_exps=T.F16, ffn_down_exps=T.F16)
     path = _write_tiny_deepseek2(str(tmp_path / "ds2-f16-experts.gguf"), types)
     prompt = [5, 77, 300, 12, 201, 44, 7, 150, 9]
     results = {}
     for blocks in (False, True):
-        with open_checkpoint(path) as ckpt:
-            runner = ModelRunner(ckpt, torch.device("cpu"), torch.float32, gguf_blocks=blocks)
-        runner.allocate_kv_cache(4, 16)
+        runner = _cpu_runner(path, blocks)
         experts = runner.model.model.layers[1].mlp.experts
         assert not experts.gguf_experts and not experts.w13.is_meta and experts.w13.shape == (E, 2 * I, H)
         results[blocks] = runner_greedy(runner, prompt, 6)
