@@ -250,7 +250,9 @@ class LLMEngine:
                 self._resolve()  # every sequence of it finished meanwhile: nothing of it is needed
             return outputs
         if self._inflight is not None:
-            outputs = self._resolve()  # (not reached: the scheduler gave a decode batch)
+            # overlap was allowed yet the batch is not all one-token decodes (_overlap_ok's checks make
+            # this unexpected; kept as the safe path): this step needs the in-flight tokens first
+            outputs = self._resolve()
         rows, out = self.executor.execute(batch, tables, self.eos_token_ids)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n

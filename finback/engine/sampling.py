@@ -235,7 +235,7 @@ class Sampler:
         n = len(params)
         device = logits.device
         raw = logits.float()  # no copy when already float32: never modified in place
-        chosen = self._choose(raw, params, prompt_token_ids, output_token_ids, generators, eos_token_ids)
+        chosen = self.choose(raw, params, prompt_token_ids, output_token_ids, generators, eos_token_ids)
         vocab = logits.shape[1]
 
         # logprobs (from raw logits) -----------------------------------------------
@@ -283,9 +283,7 @@ class Sampler:
         """Steps 1-4 only: the chosen token ids as a device tensor [N] (int64), with no device-to-host
         copy, so the caller can feed them to the next step before reading them (overlapped
         scheduling). Logprobs are not computed here."""
-        return self._choose(logits.float(), params, prompt_token_ids, output_token_ids, generators, eos_token_ids)
-
-    def _choose(self, raw, params, prompt_token_ids, output_token_ids, generators, eos_token_ids) -> torch.Tensor:
+        raw = logits.float()  # no copy when already float32: never modified in place
         n = len(params)
         if raw.dim() != 2 or raw.shape[0] != n:
             raise ValueError(f"logits must be [N, V] with N={n} rows, got {tuple(raw.shape)}")

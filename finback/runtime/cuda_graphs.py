@@ -44,10 +44,10 @@ class DecodeGraphs:
         self.max_bs = self.buckets[-1]
         self.device = device
         n = self.max_bs
-        # one host staging buffer (pinned) and one copy per step: ids, positions, slots, and the row of
-        # the previous step's sampled ids that feeds a pending token (-1: the id is in row 0)
-        # Two of them, used in turn: with overlapped scheduling a step is prepared while the previous
-        # one's copy may not have run yet (the engine waits for step N-1 before preparing N + 1).
+        # pinned host staging and one copy per step: ids, positions, slots, and the row of the previous
+        # step's sampled ids that feeds a pending token (-1: the id is in row 0). Two staging buffers,
+        # used in turn: with overlapped scheduling a step is prepared while the previous one's copy may
+        # not have run yet (the engine waits for step N-1 before preparing N + 1).
         self.hosts = [torch.zeros(4, n, dtype=torch.long, pin_memory=True) for _ in range(2)]
         self.inputs = torch.zeros(4, n, dtype=torch.long, device=device)
         self.static = backend.alloc_static(n, max_blocks_per_seq, device)
